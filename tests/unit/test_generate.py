@@ -1,0 +1,95 @@
+"""Generation on the KV cache: greedy equals stepwise argmax, seeds reproduce, attention maps."""
+
+import pytest
+import torch
+
+from attnlm.config import GPTConfig
+from attnlm.generate import SamplingError, SamplingParams, filter_logits, generate, stream
+from attnlm.model import GPT
+
+CFG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG).eval()
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward(model):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 5))
+    result = generate(model, prompt, SamplingParams(max_new_tokens=10, temperature=0))
+    seq = prompt
+    for _ in range(10):
+        nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert result.tokens == seq[:, 5:].tolist()
+    assert result.finish_reasons == ["length", "length"]
+
+
+def test_seed_makes_sampling_reproducible(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 4))
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    a = generate(model, prompt, params).tokens
+    b = generate(model, prompt, params).tokens
+    c = generate(model, prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=8)).tokens
+    assert a == b
+    assert a != c
+
+
+def test_stop_token_ends_row_and_is_excluded(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 4))
+    greedy = generate(model, prompt, SamplingParams(max_new_tokens=6, temperature=0)).tokens[0]
+    stop = greedy[2]
+    first = greedy.index(stop)
+    result = generate(model, prompt, SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[stop]))
+    assert result.tokens[0] == greedy[:first]
+    assert result.finish_reasons == ["stop"]
+
+
+def test_context_window_bounds_generation(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 30))
+    result = generate(model, prompt, SamplingParams(max_new_tokens=50, temperature=0))
+    assert len(result.tokens[0]) == 3  # positions 30, 31 fed back; the last need not be
+    with pytest.raises(ValueError, match="context window"):
+        generate(model, torch.zeros(1, 33, dtype=torch.long), SamplingParams())
+
+
+def test_completion_attention_assembled_from_cache_equals_full_map(model):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 6))
+    result = generate(model, prompt, SamplingParams(max_new_tokens=7, temperature=0), return_attention=True)
+    seq = torch.cat([prompt, torch.tensor(result.tokens)], 1)
+    full = model(seq, return_attention=True).attention
+    assert result.attention.shape == full.shape == (CFG.n_layer, 2, CFG.n_head, 13, 13)
+    torch.testing.assert_close(result.attention, full, atol=1e-5, rtol=0)
+
+
+def test_stream_yields_raw_logits_and_finished_flags(model):
+    prompt = torch.randint(0, CFG.vocab_size, (1, 3))
+    steps = list(stream(model, prompt, SamplingParams(max_new_tokens=4, temperature=0)))
+    assert len(steps) == 4
+    assert all(s.logits.shape == (1, CFG.vocab_size) and s.logits.dtype == torch.float32 for s in steps)
+    assert all(int(s.tokens[0]) == int(s.logits[0].argmax()) for s in steps)
+    assert not any(bool(s.finished[0]) for s in steps)
+    assert all(b.attn.kv_cache is None for b in model.transformer.h)  # cache released
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert torch.isinf(filter_logits(logits, 2, None)[0, 2:]).all()
+    probs = logits.softmax(-1)[0]  # ~[0.64, 0.24, 0.09, 0.03]
+    kept = ~torch.isinf(filter_logits(logits, None, 0.8)[0])
+    assert kept.tolist() == [True, True, False, False]
+    assert probs[:1].sum() < 0.8 <= probs[:2].sum()
+    kept = ~torch.isinf(filter_logits(logits, None, 0.5)[0])
+    assert kept.tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"top_k": 0}, "top_k"), ({"max_new_tokens": -1}, "max_new_tokens")],
+)
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(SamplingError, match=field):
+        SamplingParams(**kwargs)

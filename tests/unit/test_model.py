@@ -1,0 +1,163 @@
+"""The core model: causality, the two attention paths, the KV cache, FLOPs, config validation."""
+
+import math
+
+import pytest
+import torch
+
+from attnlm.config import ConfigError, GPTConfig
+from attnlm.model import GPT, causal_mask, flops_per_token
+
+CFG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG).eval()
+
+
+def test_logits_shape_and_loss(model):
+    idx = torch.randint(0, CFG.vocab_size, (3, 16))
+    out = model(idx, idx)
+    assert out.logits.shape == (3, 16, CFG.vocab_size)
+    assert out.attention is None
+    # an untrained model predicts close to uniform
+    assert abs(out.loss.item() - math.log(CFG.vocab_size)) < 0.5
+
+
+def test_causality(model):
+    idx = torch.randint(0, CFG.vocab_size, (2, 20))
+    changed = idx.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % CFG.vocab_size
+    a, b = model(idx).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :11], b[:, :11], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 11:], b[:, 11:])
+
+
+def test_explicit_attention_path_equals_sdpa(model):
+    idx = torch.randint(0, CFG.vocab_size, (2, 24))
+    fast = model(idx).logits
+    explicit = model(idx, return_attention=True)
+    assert (fast - explicit.logits).abs().max().item() <= 1e-5
+    assert explicit.attention.shape == (CFG.n_layer, 2, CFG.n_head, 24, 24)
+
+
+def test_attention_rows_sum_to_one_with_zeros_above_diagonal(model):
+    att = model(torch.randint(0, CFG.vocab_size, (2, 12)), return_attention=True).attention
+    torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[:-1]))
+    upper = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    assert torch.all(att[..., upper] == 0)
+    assert att.dtype == torch.float32
+
+
+def test_kv_cache_decoding_equals_full_forward(model):
+    idx = torch.randint(0, CFG.vocab_size, (2, 20))
+    full = model(idx, return_attention=True)
+    model.set_kv_cache(batch_size=2)
+    prefill = model(idx[:, :8], input_pos=0, return_attention=True)
+    steps = [model(idx[:, t : t + 1], input_pos=t, return_attention=True) for t in range(8, 20)]
+    model.clear_kv_cache()
+    cached = torch.cat([prefill.logits] + [s.logits for s in steps], dim=1)
+    assert (cached - full.logits).abs().max().item() <= 1e-5
+    torch.testing.assert_close(prefill.attention, full.attention[..., :8, :8], atol=1e-6, rtol=0)
+    for t, s in zip(range(8, 20), steps, strict=True):
+        assert s.attention.shape == (CFG.n_layer, 2, CFG.n_head, 1, t + 1)
+        torch.testing.assert_close(s.attention[..., 0, :], full.attention[..., t, : t + 1], atol=1e-6, rtol=0)
+
+
+def test_kv_cache_chunked_prefill_uses_offset_mask(model):
+    idx = torch.randint(0, CFG.vocab_size, (1, 18))
+    full = model(idx).logits
+    model.set_kv_cache(batch_size=1)
+    first = model(idx[:, :10], input_pos=0).logits
+    second = model(idx[:, 10:], input_pos=10).logits  # 8 queries over 18 keys
+    model.clear_kv_cache()
+    assert (torch.cat([first, second], 1) - full).abs().max().item() <= 1e-5
+
+
+def test_cache_errors(model):
+    idx = torch.randint(0, CFG.vocab_size, (1, 4))
+    with pytest.raises(RuntimeError, match="set_kv_cache"):
+        model(idx, input_pos=0)
+    with pytest.raises(ValueError, match="context window"):
+        model(torch.zeros(1, CFG.block_size + 1, dtype=torch.long))
+    model.set_kv_cache(batch_size=1, max_seq_length=4)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(idx[:, :1], input_pos=4)
+
+
+def test_causal_mask_offset():
+    mask = causal_mask(2, 5)
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_weight_tying_and_gpt2_names(model):
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    names = set(model.state_dict())
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
+                 "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight",
+                 "transformer.ln_f.bias"):
+        assert name in names
+
+
+def test_optimizer_groups_decay_only_matrices(model):
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    x = torch.randint(0, CFG.vocab_size, (4, 16))
+    y = torch.randint(0, CFG.vocab_size, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(x, y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_flops_per_token_matches_nanogpt_formula():
+    cfg = GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
+    model = GPT(cfg)
+    ln_params = 2 * cfg.n_embd * (2 * cfg.n_layer + 1)
+    n_matmul = model.num_params() - ln_params  # weights that take part in matmuls
+    expected = 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    assert flops_per_token(cfg) == pytest.approx(expected, rel=1e-9)
+    assert flops_per_token(cfg, training=False) == pytest.approx(expected / 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_embd": 100, "n_head": 3}, "n_embd (100) must be divisible by n_head (3)"),
+        ({"n_layer": 0}, "n_layer must be a positive integer"),
+        ({"block_size": -4}, "block_size must be a positive integer"),
+        ({"vocab_size": 200}, "vocab_size (200) must exceed the byte alphabet"),
+        ({"dropout": 1.5}, "dropout must be in [0, 1)"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        GPTConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_config_collects_every_error():
+    with pytest.raises(ConfigError) as err:
+        GPTConfig(n_layer=0, n_embd=10, n_head=3)
+    assert "n_layer" in str(err.value) and "divisible" in str(err.value)
+
+
+def test_config_round_trips_through_hf_dict():
+    cfg = GPTConfig(vocab_size=1000, block_size=48, n_layer=3, n_head=2, n_embd=64, dropout=0.1)
+    assert GPTConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown field"):
+        GPTConfig.from_dict({**cfg.to_dict(), "n_experts": 4})
