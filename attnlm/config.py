@@ -105,8 +105,12 @@ class GPTConfig:
     def from_hf_dict(cls, hf: dict[str, Any]) -> GPTConfig:
         """Read a GPT-2 `config.json` dict. Fails with ConfigError on what this model can't represent."""
         if hf.get("model_type") != "gpt2":
-            raise ConfigError(f"config.json: model_type must be 'gpt2', got {hf.get('model_type')!r}")
-        missing = [k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in hf]
+            raise ConfigError(
+                f"config.json: model_type must be 'gpt2', got {hf.get('model_type')!r}"
+            )
+        missing = [
+            k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in hf
+        ]
         if missing:
             raise ConfigError(f"config.json: missing field(s) {', '.join(missing)}")
         n_inner = hf.get("n_inner")

@@ -37,7 +37,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         errors = []
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 0
+        ):
             errors.append(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not (
             math.isfinite(self.temperature) and self.temperature >= 0
@@ -45,7 +49,9 @@ class SamplingParams:
             errors.append(f"temperature must be >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             errors.append(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if self.top_p is not None and not (
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1
+        ):
             errors.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if errors:
             raise SamplingError("; ".join(errors))
@@ -55,7 +61,9 @@ class SamplingParams:
 class GenerationStep:
     tokens: torch.Tensor  # (B,) the token chosen at this step
     logits: torch.Tensor  # (B, V) float32 raw next-token logits it was chosen from
-    finished: torch.Tensor  # (B,) bool: the row has ended (this token is a stop token, or the row ended earlier)
+    finished: (
+        torch.Tensor
+    )  # (B,) bool: the row has ended (this token is a stop token, or the row ended earlier)
     attention: torch.Tensor | None  # (n_layer, B, nh, 1, T_k) row of the token fed at this step
 
 
@@ -74,13 +82,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        drop = (
+            cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        )  # mass before this token already enough
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     """Choose the next token for each row of logits (B, V). Returns (B,) long."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)

@@ -105,7 +105,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         if input_pos is not None:
             if self.kv_cache is None:
-                raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
+                raise RuntimeError(
+                    "input_pos given but no KV cache: call model.set_kv_cache() first"
+                )
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T_k, hs)
         y, att = self.attend(q, k, v, return_attention)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -124,13 +126,19 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if not return_attention:
             if t_query == t_key:
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True), None
+                return F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout_p, is_causal=True
+                ), None
             if t_query == 1:  # one new token sees every cached position
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p), None
             mask = causal_mask(t_query, t_key, q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p
+            ), None
 
-        scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T_k)
+        scores = (q @ k.transpose(-2, -1)).float() * (
+            1.0 / math.sqrt(q.size(-1))
+        )  # (B, nh, T, T_k)
         scores = scores.masked_fill(~causal_mask(t_query, t_key, q.device), float("-inf"))
         att = F.softmax(scores, dim=-1)  # (B, nh, T, T_k)
         weights = F.dropout(att, p=dropout_p, training=self.training) if dropout_p else att
@@ -227,7 +235,9 @@ class GPT(nn.Module):
                 f"{self.config.block_size} tokens"
             )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(
+            self.transformer.wte(idx) + self.transformer.wpe(pos)
+        )  # (B, T, C)
         attentions = []
         for block in self.transformer.h:
             x, att = block(x, input_pos, return_attention)
@@ -253,7 +263,9 @@ class GPT(nn.Module):
         """Give every attention layer a cache of `max_seq_length` (default: the context) positions."""
         max_seq_length = self.config.block_size if max_seq_length is None else max_seq_length
         if not 1 <= max_seq_length <= self.config.block_size:
-            raise ValueError(f"max_seq_length must be in 1..{self.config.block_size}, got {max_seq_length}")
+            raise ValueError(
+                f"max_seq_length must be in 1..{self.config.block_size}, got {max_seq_length}"
+            )
         ref = self.lm_head.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(

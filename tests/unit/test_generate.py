@@ -42,7 +42,9 @@ def test_stop_token_ends_row_and_is_excluded(model):
     greedy = generate(model, prompt, SamplingParams(max_new_tokens=6, temperature=0)).tokens[0]
     stop = greedy[2]
     first = greedy.index(stop)
-    result = generate(model, prompt, SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[stop]))
+    result = generate(
+        model, prompt, SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[stop])
+    )
     assert result.tokens[0] == greedy[:first]
     assert result.finish_reasons == ["stop"]
 
@@ -57,7 +59,9 @@ def test_context_window_bounds_generation(model):
 
 def test_completion_attention_assembled_from_cache_equals_full_map(model):
     prompt = torch.randint(0, CFG.vocab_size, (2, 6))
-    result = generate(model, prompt, SamplingParams(max_new_tokens=7, temperature=0), return_attention=True)
+    result = generate(
+        model, prompt, SamplingParams(max_new_tokens=7, temperature=0), return_attention=True
+    )
     seq = torch.cat([prompt, torch.tensor(result.tokens)], 1)
     full = model(seq, return_attention=True).attention
     assert result.attention.shape == full.shape == (CFG.n_layer, 2, CFG.n_head, 13, 13)
@@ -68,7 +72,9 @@ def test_stream_yields_raw_logits_and_finished_flags(model):
     prompt = torch.randint(0, CFG.vocab_size, (1, 3))
     steps = list(stream(model, prompt, SamplingParams(max_new_tokens=4, temperature=0)))
     assert len(steps) == 4
-    assert all(s.logits.shape == (1, CFG.vocab_size) and s.logits.dtype == torch.float32 for s in steps)
+    assert all(
+        s.logits.shape == (1, CFG.vocab_size) and s.logits.dtype == torch.float32 for s in steps
+    )
     assert all(int(s.tokens[0]) == int(s.logits[0].argmax()) for s in steps)
     assert not any(bool(s.finished[0]) for s in steps)
     assert all(b.attn.kv_cache is None for b in model.transformer.h)  # cache released
@@ -87,8 +93,13 @@ def test_filter_logits_top_k_and_top_p():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-     ({"top_k": 0}, "top_k"), ({"max_new_tokens": -1}, "max_new_tokens")],
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+    ],
 )
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(SamplingError, match=field):

@@ -63,7 +63,9 @@ def test_kv_cache_decoding_equals_full_forward(model):
     torch.testing.assert_close(prefill.attention, full.attention[..., :8, :8], atol=1e-6, rtol=0)
     for t, s in zip(range(8, 20), steps, strict=True):
         assert s.attention.shape == (CFG.n_layer, 2, CFG.n_head, 1, t + 1)
-        torch.testing.assert_close(s.attention[..., 0, :], full.attention[..., t, : t + 1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            s.attention[..., 0, :], full.attention[..., t, : t + 1], atol=1e-6, rtol=0
+        )
 
 
 def test_kv_cache_chunked_prefill_uses_offset_mask(model):
@@ -95,10 +97,16 @@ def test_causal_mask_offset():
 def test_weight_tying_and_gpt2_names(model):
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     names = set(model.state_dict())
-    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
-                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
-                 "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight",
-                 "transformer.ln_f.bias"):
+    for name in (
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_proj.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.weight",
+        "transformer.ln_f.bias",
+    ):
         assert name in names
 
 

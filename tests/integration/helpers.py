@@ -1,0 +1,56 @@
+"""Helpers for integration tests: tiny `attnlm fit` arguments, a clean child environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_args(root: Path, cache: Path, max_steps: int = 12, *extra: str) -> list[str]:
+    """`attnlm fit` arguments for a model small enough to train in seconds on 2 CPU cores."""
+    return [
+        "fit",
+        "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", "6",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--model.n_layer", "2",
+        "--model.n_head", "2",
+        "--model.n_embd", "32",
+        "--model.block_size", "32",
+        "--model.warmup_steps", "2",
+        "--data.block_size", "32",
+        "--data.batch_size", "8",
+        "--data.corpus_sentences", "3000",
+        "--data.vocab_size", "300",
+        "--data.samples_per_epoch", "2000",
+        "--data.cache_dir", str(cache),
+        "--speed.measure_cpu_peak", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def clean_env() -> dict[str, str]:
+    """Environment for a child process: no DDP variables left by another test, offline HF."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")
+    }
+    env.update(
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def attnlm_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training.cli", *args]

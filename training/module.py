@@ -1,0 +1,147 @@
+"""The LightningModule that trains attnlm's GPT for next-token prediction.
+
+Its typed `__init__` arguments are the `model:` section of a LightningCLI config
+(`configs/tiny.yaml`); `vocab_size` is linked from the data module's tokenizer by the CLI.
+
+    attnlm fit --config configs/tiny.yaml --model.n_layer 6 --model.learning_rate 3e-4
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from attnlm.config import GPTConfig
+from attnlm.model import GPT
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; training stops and the last good checkpoint stays."""
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(
+        self,
+        vocab_size: int = 512,
+        block_size: int = 128,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.0,
+        bias: bool = True,
+        learning_rate: float = 1e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        compile: bool = False,
+    ) -> None:
+        """
+        Args:
+            vocab_size: token embedding rows; linked from `data.vocab_size` by the CLI.
+            block_size: context length (learned positions); `data.block_size` may not exceed it.
+            n_layer: Transformer blocks.
+            n_head: attention heads per block.
+            n_embd: residual width (divisible by n_head).
+            dropout: dropout probability (0 for small data).
+            bias: biases in Linear layers, as GPT-2.
+            learning_rate: peak AdamW learning rate, reached after warmup.
+            min_lr_ratio: the cosine decay ends at learning_rate * min_lr_ratio.
+            warmup_steps: optimizer steps of linear warmup from 0.
+            lr_decay_steps: step at which the cosine reaches its minimum; None = the run's total
+                (trainer.max_steps, or the epochs' steps). Fix it when a run will be resumed with a
+                longer max_steps, so the schedule does not change under it.
+            weight_decay: AdamW decoupled weight decay on matrices only (not biases, LayerNorm).
+            betas: AdamW betas.
+            compile: run the training/validation forward through `torch.compile`.
+        """
+        super().__init__()
+        errors = []
+        if not learning_rate > 0:
+            errors.append(f"model.learning_rate must be > 0, got {learning_rate}")
+        if not 0 <= min_lr_ratio <= 1:
+            errors.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if warmup_steps < 0:
+            errors.append(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if lr_decay_steps is not None and lr_decay_steps < 1:
+            errors.append(f"model.lr_decay_steps must be >= 1, got {lr_decay_steps}")
+        if weight_decay < 0:
+            errors.append(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.save_hyperparameters()
+        self.config = GPTConfig(
+            vocab_size=vocab_size,
+            block_size=block_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            dropout=dropout,
+            bias=bias,
+        )
+        self.model = GPT(self.config)
+        # kept outside the module tree so that state_dict keys stay the plain GPT ones
+        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx).logits
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, y = batch  # (B, T), (B, T)
+        loss = self._forward(x, y).loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); "
+                "stopped, the checkpoints written before this step are kept"
+            )
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss = self._forward(x, y).loss
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=x.size(0))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        if "val_loss" not in metrics:
+            return
+        val_loss = metrics["val_loss"].float()
+        self.log("val_ppl", torch.exp(val_loss), sync_dist=False)
+        chars_per_token = getattr(self.trainer.datamodule, "val_chars_per_token", None)
+        if chars_per_token:
+            self.log("val_bpc", val_loss / chars_per_token / math.log(2), prog_bar=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            self.model.optimizer_groups(hp.weight_decay),
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+            fused=fused,
+        )
+        total = hp.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warmup to 1, then cosine down to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= total_steps:
+        return min_ratio
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + 0.5 * (1 - min_ratio) * (1 + math.cos(math.pi * progress))
