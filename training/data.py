@@ -25,6 +25,9 @@
    indices `e * samples_per_epoch + i`, this rank's share of them, and the dataset decodes the epoch
    from the index. So DataLoader workers need no shared state, every epoch sees new windows, ranks
    see disjoint windows, and a run resumed at epoch `e` sees the same windows as the original.
+   The training loader (`ResumableDataLoader`) is saved in checkpoints with how many batches of
+   the epoch were trained on; on resume its sampler skips exactly those, so an interrupted and
+   resumed run trains on the same batches, in the same order, as an uninterrupted one.
    Validation uses consecutive non-overlapping windows of the validation split.
 
 Run (build the default cache and print its summary):

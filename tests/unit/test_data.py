@@ -358,3 +358,17 @@ def test_worker_processes_give_the_same_batches(builtin, cache_root):
     with_workers = [x for x, _ in workers.train_dataloader()]
     in_process = [x for x, _ in builtin.train_dataloader()]
     assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process, strict=True))
+
+
+def test_sampler_resume_skips_consumed_samples_of_that_epoch_only():
+    from training.data import EpochWindowSampler
+
+    dataset = list(range(10))
+    sampler = EpochWindowSampler(dataset, num_replicas=2, rank=1)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.resume_at(epoch=3, samples=2)
+    assert list(sampler) == full[2:]
+    assert list(sampler) == full  # the skip applies to one pass only
+    sampler.resume_at(epoch=2, samples=2)  # a checkpoint from an earlier, finished epoch
+    assert list(sampler) == full
