@@ -49,7 +49,9 @@ def test_explicit_path_equals_sdpa_on_gpu_fp32(model):
 def test_kv_cache_decoding_matches_full_forward_in_bf16(model):
     model = model.to(torch.bfloat16)
     prompt = torch.randint(0, CFG.vocab_size, (2, 32), device="cuda")
-    result = generate(model, prompt, SamplingParams(max_new_tokens=32, temperature=0), return_attention=True)
+    result = generate(
+        model, prompt, SamplingParams(max_new_tokens=32, temperature=0), return_attention=True
+    )
     seq = torch.cat([prompt, torch.tensor(result.tokens, device="cuda")], 1)
     full = model(seq, return_attention=True)
     greedy_full = full.logits[:, 31:-1].float().argmax(-1)

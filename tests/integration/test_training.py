@@ -142,4 +142,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, data_cache, capsys):
     )
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "training loss is" in err and "at step" in err
+    assert "training loss became NaN/inf at step" in err
+    for ckpt_path in (root / "checkpoints").glob("*.ckpt"):  # whatever was kept is finite
+        state = torch.load(ckpt_path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values())

@@ -26,8 +26,10 @@ def test_config_parses_and_builds(path, capsys):
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]
-    gpt = GPTConfig(**{k: model[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")},
-                    vocab_size=config["data"]["vocab_size"])
+    gpt = GPTConfig(
+        **{k: model[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")},
+        vocab_size=config["data"]["vocab_size"],
+    )
     assert config["data"]["block_size"] <= gpt.block_size
     data = TextDataModule(**config["data"])
     assert data.vocab_size == config["data"]["vocab_size"]
