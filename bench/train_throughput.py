@@ -250,7 +250,8 @@ def run_bare(
         model.optimizer_groups(WEIGHT_DECAY),
         lr=LEARNING_RATE,
         betas=BETAS,
-        fused=device.type in ("cuda", "cpu"),  # as LanguageModel.configure_optimizers
+        # as LanguageModel.configure_optimizers: fused unless mixed precision with clipping
+        fused=device.type in ("cuda", "cpu") and not precision.endswith("-mixed"),
     )
     # the optimizer's parameter order, as Lightning clips: the norm sums in the same order
     params = [p for group in optimizer.param_groups for p in group["params"]]

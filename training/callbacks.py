@@ -70,8 +70,12 @@ class SpeedMonitor(L.Callback):
         if self.peak_flops is None:
             dtype = precision_dtype(trainer.precision)
             device = pl_module.device
-            if device.type == "cuda":
-                self.peak_flops = get_available_flops(device, dtype)
+            if (
+                device.type == "cuda"
+            ):  # the spec sheet, else (a chip Lightning does not know) a matmul
+                self.peak_flops = get_available_flops(device, dtype) or measure_matmul_peak(
+                    dtype, device
+                )
             elif self.measure_cpu_peak:
                 self.peak_flops = measure_matmul_peak(dtype, device)
             if self.peak_flops:

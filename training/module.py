@@ -130,14 +130,21 @@ class LanguageModel(L.LightningModule):
         if "val_loss" not in metrics:
             return
         val_loss = metrics["val_loss"].float()
-        self.log("val_ppl", torch.exp(val_loss), sync_dist=False)
+        self.log("val_ppl", torch.exp(val_loss), sync_dist=True)  # val_loss is already reduced
         chars_per_token = getattr(self.trainer.datamodule, "val_chars_per_token", None)
         if chars_per_token:
-            self.log("val_bpc", val_loss / chars_per_token / math.log(2), prog_bar=True)
+            self.log(
+                "val_bpc", val_loss / chars_per_token / math.log(2), prog_bar=True, sync_dist=True
+            )
 
     def configure_optimizers(self):
         hp = self.hparams
-        fused = self.device.type in ("cuda", "cpu")  # one kernel for all parameters
+        # A fused AdamW is one kernel for all parameters, but Lightning's mixed-precision plugin
+        # refuses to clip gradients for optimizers that unscale internally, as fused ones do.
+        mixed = str(self.trainer.precision).endswith("-mixed")
+        fused = self.device.type in ("cuda", "cpu") and not (
+            mixed and self.trainer.gradient_clip_val
+        )
         optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(hp.weight_decay),
             lr=hp.learning_rate,
