@@ -7,6 +7,7 @@ PIP := $(VENV)/bin/pip
 #   make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH ?= torch==2.13.0
 RUN_DIR ?= runs/tiny
+# configs/serve.yaml serves this folder
 ARTIFACT ?= artifacts/tiny
 PYTEST_ARGS ?=
 
@@ -14,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-slow lint format train export generate demo bench clean
+.PHONY: install test test-slow lint format train export generate artifact serve serve-bg stop demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +49,19 @@ export: install
 generate: install
 	$(VENV)/bin/attnlm generate --artifact $(ARTIFACT) --prompt "The cat that was sitting on the mat" --num_samples 3
 
-demo: train export generate
+artifact: install
+	@[ -f $(ARTIFACT)/model.safetensors ] || $(MAKE) train export
+
+serve: artifact
+	RAY_AUTH_MODE=disabled $(VENV)/bin/serve run configs/serve.yaml
+
+serve-bg: artifact
+	VENV=$(VENV) bash scripts/demo_serve.sh
+
+stop:
+	@if [ -f runs/serve.pid ]; then kill -TERM $$(cat runs/serve.pid) 2>/dev/null || true; rm -f runs/serve.pid; echo "stopped"; fi
+
+demo: train export generate serve-bg
 
 bench: install
 	$(PY) bench/train_throughput.py

@@ -54,3 +54,21 @@ def clean_env() -> dict[str, str]:
 
 def attnlm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "training.cli", *args]
+
+
+def build_tiny_artifact(out: Path, seed: int = 0) -> Path:
+    """An untrained 2-layer GPT with a real tokenizer, exported: enough to exercise serving."""
+    import torch
+
+    from attnlm.artifact import save_artifact
+    from attnlm.config import GPTConfig
+    from attnlm.corpus import generate_corpus
+    from attnlm.model import GPT
+    from attnlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(generate_corpus(2000, seed=seed), vocab_size=300)
+    torch.manual_seed(seed)
+    model = GPT(
+        GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    )
+    return save_artifact(model, tokenizer, out)

@@ -1,0 +1,457 @@
+"""The Ray Serve application: one deployment, a FastAPI ingress in front of `serving.engine.Engine`.
+
+    serve run configs/serve.yaml              # artifact, replicas, host/port in the config file
+    serve run serving.app:build_app artifact=artifacts/tiny
+
+Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming), POST
+/v1/next-token, POST /v1/attention, GET /v1/models, GET /health, GET /metrics, GET / (viewer).
+Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
+(size and wait in `user_config`). Every bad request answers a 4xx with OpenAI's error body;
+requests beyond `max_in_flight` answer 503 with Retry-After.
+"""
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.engine import AttentionOptions, CompletionParams, Engine, EngineError
+from serving.schemas import (
+    AttentionOptionsModel,
+    AttentionRequest,
+    CompletionRequest,
+    NextTokenRequest,
+    error_body,
+)
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        error_body(message, param, code, type_), status_code=status, headers=headers
+    )
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over `max_bytes` (Content-Length or streamed)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send) -> None:
+        response = error_response(
+            413, f"request body exceeds {self.max_bytes} bytes", code="body_too_large"
+        )
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _param_of(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body" and not isinstance(p, int)]
+    return ".".join(parts) or None
+
+
+def create_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(
+        title="attnlm", description="Completions, next-token and attention maps", version="0.1.0"
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, "request body is not valid JSON", code="invalid_json")
+        param = _param_of(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {param!r}"
+        elif first.get("type") == "missing":
+            message = f"missing required field {param!r}"
+        else:
+            message = f"{param}: {message}" if param else message
+        return error_response(400, message, param=param, code=first.get("type"))
+
+    @app.exception_handler(EngineError)
+    async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return error_response(exc.status, str(exc), param=exc.param, code=exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+        )
+
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    return app
+
+
+app = create_app(int(os.environ.get("ATTNLM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)))
+
+
+def _attention_options(source: AttentionOptionsModel | bool | None) -> AttentionOptions | None:
+    if source is None or source is False:
+        return None
+    if source is True:
+        return AttentionOptions()
+    return AttentionOptions(
+        layers=source.layers,
+        heads=source.heads,
+        aggregation=source.aggregation,
+        encoding=source.encoding,
+        decimals=source.decimals,
+    )
+
+
+def _attention_dict(result) -> dict[str, Any]:
+    return {
+        "tokens": result.tokens,
+        "token_ids": result.token_ids,
+        "n_layers": result.n_layers,
+        "n_heads": result.n_heads,
+        "layers": result.layers,
+        "heads": result.heads,
+        "aggregation": result.aggregation,
+        "attention": result.attention,
+    }
+
+
+def _replica_name() -> str:
+    """This replica's id (reported by /health, to tell replicas apart), or "local" outside Serve."""
+    try:
+        context = serve.get_replica_context()
+    except Exception:  # not inside a Serve replica
+        return "local"
+    replica_id = getattr(context, "replica_id", None)
+    return getattr(replica_id, "unique_id", None) or str(replica_id or "local")
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
+    health_check_period_s=10,
+    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005, "max_in_flight": 48},
+)
+@serve.ingress(app)
+class AttnLMServer:
+    def __init__(self, artifact: str, device: str | None = None, dtype: str | None = None) -> None:
+        self.engine = Engine(artifact, device=device, dtype=dtype)
+        self.created = int(time.time())
+        self.max_in_flight = 48
+        self.in_flight = 0
+        self.replica = _replica_name()
+        registry = CollectorRegistry()
+        self.registry = registry
+        self.requests = Counter("attnlm_requests", "HTTP requests", ["endpoint"], registry=registry)
+        self.errors = Counter(
+            "attnlm_errors",
+            "requests answered with an error",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "attnlm_generated_tokens", "completion tokens generated", registry=registry
+        )
+        self.latency = Histogram(
+            "attnlm_request_seconds", "request latency", ["endpoint"], registry=registry
+        )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config: batch size and wait of the batched forwards, the in-flight bound."""
+        self._next_token_batch.set_max_batch_size(int(config.get("max_batch_size", 16)))
+        self._next_token_batch.set_batch_wait_timeout_s(
+            float(config.get("batch_wait_timeout_s", 0.005))
+        )
+        self._attention_batch.set_max_batch_size(int(config.get("max_batch_size", 16)))
+        self._attention_batch.set_batch_wait_timeout_s(
+            float(config.get("batch_wait_timeout_s", 0.005))
+        )
+        self.max_in_flight = int(config.get("max_in_flight", 48))
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.engine.model_name:
+            raise EngineError(
+                f"the model {name!r} does not exist; this server serves {self.engine.model_name!r}",
+                param="model",
+                code="model_not_found",
+                status=404,
+            )
+
+    async def _admit(self, endpoint: str, work) -> Response:
+        """Count, time and bound a request; turn EngineError into its 4xx response."""
+        self.requests.labels(endpoint).inc()
+        if self.in_flight >= self.max_in_flight:
+            self.errors.labels(endpoint, "503").inc()
+            return error_response(
+                503,
+                f"server is at capacity ({self.max_in_flight} requests in flight); retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        self.in_flight += 1
+        start = time.perf_counter()
+        try:
+            result = await work()
+        except EngineError as err:
+            self.errors.labels(endpoint, str(err.status)).inc()
+            return error_response(err.status, str(err), param=err.param, code=err.code)
+        finally:
+            self.in_flight -= 1
+            self.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    # -- batched forwards ---------------------------------------------------------------------------
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _next_token_batch(self, items: list[tuple[str, int]]) -> list[Any]:
+        top_k = max(k for _, k in items)  # one forward; each request keeps its own k
+        texts = [t for t, _ in items]
+        try:
+            results = await asyncio.to_thread(self.engine.next_token, texts, top_k)
+        except EngineError as err:
+            return [err] * len(items)
+        return [(r, k) for r, (_, k) in zip(results, items, strict=True)]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _attention_batch(self, items: list[tuple[str, AttentionOptions]]) -> list[Any]:
+        try:
+            return await asyncio.to_thread(
+                self.engine.attention, [t for t, _ in items], [o for _, o in items]
+            )
+        except EngineError as err:
+            return [err] * len(items)
+
+    # -- endpoints ------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.engine.model_name, "replica": self.replica}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.engine.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "attnlm",
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def viewer(self) -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.post("/v1/next-token")
+    async def next_token(self, request: NextTokenRequest) -> Response:
+        async def work():
+            self._check_model(request.model)
+            self.engine.encode(request.text)  # validate alone: a bad text must not fail its batch
+            if request.top_k > self.engine.tokenizer.vocab_size:
+                raise EngineError(
+                    f"top_k must be at most {self.engine.tokenizer.vocab_size}", param="top_k"
+                )
+            result = await self._next_token_batch((request.text, request.top_k))
+            if isinstance(result, EngineError):
+                raise result
+            nt, k = result
+            return {
+                "model": self.engine.model_name,
+                "tokens": nt.tokens,
+                "token_ids": nt.token_ids,
+                "top": nt.top[:k],
+            }
+
+        return await self._admit("next-token", work)
+
+    @app.post("/v1/attention")
+    async def attention(self, request: AttentionRequest) -> Response:
+        async def work():
+            self._check_model(request.model)
+            options = _attention_options(request)
+            self.engine.encode(
+                request.text
+            )  # validate alone: a bad request must not fail its batch
+            self.engine.check_attention_options(options)
+            result = await self._attention_batch((request.text, options))
+            if isinstance(result, EngineError):
+                raise result
+            return {"model": self.engine.model_name, **_attention_dict(result)}
+
+        return await self._admit("attention", work)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: CompletionRequest) -> Response:
+        async def work():
+            self._check_model(request.model)
+            prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            if not prompts:
+                raise EngineError("prompt must not be an empty list", param="prompt")
+            stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+            if len(stop) > 4:
+                raise EngineError("at most 4 stop sequences", param="stop")
+            params = CompletionParams(
+                max_tokens=request.max_tokens or 16,
+                temperature=request.temperature,
+                top_p=None if request.top_p >= 1.0 else request.top_p,
+                top_k=request.top_k,
+                stop=stop,
+                seed=request.seed,
+                n=request.n,
+                echo=request.echo,
+                logprobs=request.logprobs,
+                attention=_attention_options(request.return_attention),
+            )
+            for p in prompts:
+                self.engine.encode(p, param="prompt")
+            completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+            if request.stream:
+                return StreamingResponse(
+                    self._stream(completion_id, prompts, params, request),
+                    media_type="text/event-stream",
+                )
+            return await asyncio.to_thread(self._complete, completion_id, prompts, params)
+
+        return await self._admit("completions", work)
+
+    def _complete(
+        self, completion_id: str, prompts: list[str], params: CompletionParams
+    ) -> dict[str, Any]:
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for p_index, prompt in enumerate(prompts):
+            result = self.engine.complete(prompt, params)
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+            for choice in result.choices:
+                entry = {
+                    "text": choice.text,
+                    "index": p_index * params.n + choice.index,
+                    "logprobs": choice.logprobs,
+                    "finish_reason": choice.finish_reason,
+                }
+                if choice.attention is not None:
+                    entry["attention"] = choice.attention
+                    entry["tokens"] = choice.tokens
+                choices.append(entry)
+        self.tokens.inc(completion_tokens)
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.engine.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    async def _stream(
+        self,
+        completion_id: str,
+        prompts: list[str],
+        params: CompletionParams,
+        request: CompletionRequest,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        generated = 0
+        for p_index, prompt in enumerate(prompts):
+            deltas = iter(self.engine.stream(prompt, params))
+            while True:
+                try:
+                    delta = await asyncio.to_thread(next, deltas, None)
+                except EngineError as err:
+                    yield f"data: {json.dumps(error_body(str(err), err.param, err.code))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if delta is None:
+                    break
+                generated += 1 if delta.text or delta.finish_reason is None else 0
+                chunk = {
+                    "id": completion_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.engine.model_name,
+                    "choices": [
+                        {
+                            "text": delta.text,
+                            "index": p_index * params.n + delta.index,
+                            "logprobs": delta.logprobs,
+                            "finish_reason": delta.finish_reason,
+                        }
+                    ],
+                }
+                yield f"data: {json.dumps(chunk)}\n\n"
+        self.tokens.inc(generated)
+        yield "data: [DONE]\n\n"
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run` / config files: args `artifact` (required), `device`,
+    `dtype`."""
+    unknown = set(args) - {"artifact", "device", "dtype"}
+    if unknown:
+        raise ValueError(f"unknown application argument(s): {', '.join(sorted(unknown))}")
+    if "artifact" not in args:
+        raise ValueError("application argument 'artifact' (an exported model folder) is required")
+    artifact = str(Path(args["artifact"]).resolve())  # replicas need not share the caller's cwd
+    return AttnLMServer.bind(artifact, args.get("device"), args.get("dtype"))

@@ -1,0 +1,250 @@
+"""Ray Serve on 127.0.0.1, real HTTP: every endpoint, every bad input, overload, the openai client.
+
+One Ray start and one deployment are shared by the module (Ray takes ~15 s to come up here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import tempfile
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.helpers import build_tiny_artifact
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+LONG_TEXT = "The cat that was sitting on the mat jumps. " * 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from serving.app import AttnLMServer
+
+    artifact = build_tiny_artifact(tmp_path_factory.mktemp("serve") / "tiny")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = AttnLMServer.options(
+        user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_in_flight": 6},
+        ray_actor_options={"num_cpus": 1},
+    ).bind(str(artifact))
+    serve.run(app, name="attnlm", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for _ in range(120):  # bounded wait for the replica
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not become healthy")
+        yield client
+    serve.shutdown()
+    ray.shutdown()
+
+
+def assert_error(
+    response: httpx.Response, status: int, param: str | None = None, contains: str = ""
+) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    assert contains in body["error"]["message"], body
+    return body["error"]
+
+
+def test_health_models_metrics(server):
+    assert server.get("/health").json()["status"] == "ok"
+    models = server.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny"
+    server.post("/v1/next-token", json={"text": "The cat"})
+    metrics = server.get("/metrics").text
+    assert "attnlm_requests_total" in metrics and "attnlm_request_seconds" in metrics
+
+
+def test_next_token(server):
+    body = server.post("/v1/next-token", json={"text": "The cats near the dog", "top_k": 5}).json()
+    assert body["model"] == "tiny" and len(body["top"]) == 5
+    probs = [t["prob"] for t in body["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert "".join(body["tokens"]) == "The cats near the dog"
+
+
+def test_attention_json_and_base64(server):
+    text = "The cat that was sitting on the mat jumps."
+    js = server.post("/v1/attention", json={"text": text, "decimals": 6}).json()
+    T = len(js["tokens"])
+    att = np.array(js["attention"]["data"])
+    assert js["attention"]["shape"] == [2, 2, T, T] == list(att.shape)
+    np.testing.assert_allclose(att.sum(-1), 1, atol=1e-4)
+    b64 = server.post("/v1/attention", json={"text": text, "encoding": "base64"}).json()[
+        "attention"
+    ]
+    assert b64["dtype"] == "float16"
+    decoded = np.frombuffer(base64.b64decode(b64["data"]), dtype="<f2").reshape(b64["shape"])
+    np.testing.assert_allclose(decoded, att, atol=1e-3)
+    rollout = server.post(
+        "/v1/attention", json={"text": text, "aggregation": "rollout", "layers": [1]}
+    ).json()
+    assert rollout["attention"]["shape"] == [1, T, T]
+    np.testing.assert_allclose(np.array(rollout["attention"]["data"]).sum(-1), 1, atol=1e-3)
+
+
+def test_completion_plain_n_logprobs_echo_and_attention(server):
+    body = server.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": "The cat",
+            "max_tokens": 6,
+            "temperature": 0,
+            "n": 2,
+            "logprobs": 2,
+            "echo": True,
+            "return_attention": {"aggregation": "mean"},
+        },
+    ).json()
+    assert body["object"] == "text_completion" and len(body["choices"]) == 2
+    first, second = body["choices"]
+    assert first["text"] == second["text"] and first["text"].startswith("The cat")  # greedy, echo
+    top = first["logprobs"]["top_logprobs"]
+    assert top[0] is None and 2 <= len(top[-1]) <= 3  # echo: the first prompt token has none
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    T = len(first["tokens"])
+    assert first["attention"]["attention"]["shape"] == [2, T, T]
+
+
+def test_seeded_sampling_is_reproducible_and_stream_matches(server):
+    request = {
+        "model": "tiny",
+        "prompt": "The dogs",
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "seed": 3,
+    }
+    a = server.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    b = server.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    assert a == b
+    with server.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == a
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens", ""),
+    (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "banana": 1},
+        400,
+        "banana",
+        "unknown field",
+    ),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt", ""),
+    ("/v1/completions", {"model": "tiny", "prompt": LONG_TEXT}, 400, "prompt", "64"),
+    (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "max_tokens": 100000},
+        400,
+        "max_tokens",
+        "",
+    ),
+    (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "temperature": -0.5},
+        400,
+        "temperature",
+        "",
+    ),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p", ""),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p", ""),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": 0}, 400, "top_k", ""),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "gpt-4"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model", "missing"),
+    ("/v1/attention", {"text": "The cat", "layers": [5]}, 400, "layers", ""),
+    ("/v1/attention", {"text": "The cat", "heads": [-1]}, 400, "heads", ""),
+    ("/v1/attention", {"text": "The cat", "aggregation": "max"}, 400, "aggregation", ""),
+    ("/v1/attention", {"text": ""}, 400, "text", ""),
+    ("/v1/next-token", {"text": "The cat", "top_k": 0}, 400, "top_k", ""),
+    ("/v1/next-token", {"text": 42}, 400, "text", ""),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "param", "contains"), BAD_REQUESTS)
+def test_bad_requests_answer_4xx_json(server, path, payload, status, param, contains):
+    assert_error(server.post(path, json=payload), status, param, contains)
+
+
+def test_malformed_oversized_and_non_utf8_bodies(server):
+    headers = {"content-type": "application/json"}
+    assert_error(server.post("/v1/next-token", content=b'{"text": "The cat"', headers=headers), 400)
+    assert_error(
+        server.post("/v1/next-token", content=b'{"text": "\xff\xfe"}', headers=headers), 400
+    )
+    big = json.dumps({"text": "a" * (2 << 20)})
+    assert_error(server.post("/v1/next-token", content=big, headers=headers), 413)
+    assert_error(server.get("/v1/nothing"), 404)
+    assert server.get("/health").status_code == 200  # the replica survived all of it
+
+
+def test_overload_answers_503_with_retry_after(server):
+    async def burst():
+        async with httpx.AsyncClient(base_url=str(server.base_url), timeout=60) as client:
+            payload = {"model": "tiny", "prompt": "The cat", "max_tokens": 40, "temperature": 0}
+            return await asyncio.gather(
+                *[client.post("/v1/completions", json=payload) for _ in range(24)]
+            )
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert rejected.json()["error"]["code"] == "overloaded"
+
+
+def test_official_openai_client(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    completion = client.completions.create(
+        model="tiny", prompt="The cat", max_tokens=5, temperature=0
+    )
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    streamed = client.completions.create(
+        model="tiny", prompt="The cat", max_tokens=5, temperature=0, stream=True
+    )
+    text = "".join(chunk.choices[0].text for chunk in streamed)
+    assert text == completion.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
