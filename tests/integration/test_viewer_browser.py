@@ -1,0 +1,393 @@
+"""The attention viewer (serving/static/index.html) in headless Chromium, against a real tiny model.
+
+No Ray: a stdlib ThreadingHTTPServer serves the page at / and answers the API the page calls
+(/v1/models, /v1/attention, /v1/next-token, /v1/completions) with `serving.engine.Engine` over a
+tiny artifact, its requests checked by the HTTP layer's own pydantic models (serving/schemas.py).
+The page runs from URL parameters (`/?text=...&layer=1&head=0`); Chromium dumps the DOM after the
+scripts ran (`--dump-dom`) and takes a screenshot (`--screenshot`), see tests/integration/browser.py.
+Chromium missing and not installable: the tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.integration.browser import Element, dump_dom, parse_html, require_chromium, screenshot
+
+REPO = Path(__file__).resolve().parents[2]
+PAGE = REPO / "serving" / "static" / "index.html"
+TEXT = "The cat that was sitting on the mat jumps."
+WINDOW = (1200, 900)
+
+
+# -- fixtures: a tiny artifact, its engine, a server -------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from attnlm.artifact import save_artifact
+    from attnlm.config import GPTConfig
+    from attnlm.corpus import generate_corpus
+    from attnlm.model import GPT
+    from attnlm.tokenizer import Tokenizer
+    from serving.engine import Engine
+
+    tok = Tokenizer.train(generate_corpus(2000, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # untrained attention is near uniform; sharpen it for a telling picture
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(12.0)
+    folder = save_artifact(model, tok, tmp_path_factory.mktemp("artifact") / "tiny")
+    return Engine(folder, device="cpu")
+
+
+class _Api:
+    """The API of serving/app.py, without Ray or FastAPI: same validation, same bodies."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.requests: list[tuple[str, Any]] = []  # (path, body) as the page sent them
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        from pydantic import ValidationError
+
+        from serving.engine import EngineError
+
+        self.requests.append((path, body))
+        try:
+            with self.lock:
+                if method == "GET" and path == "/v1/models":
+                    return 200, {
+                        "object": "list",
+                        "data": [{"id": self.engine.model_name, "object": "model"}],
+                    }
+                if method == "POST" and path == "/v1/attention":
+                    return 200, self.attention(body)
+                if method == "POST" and path == "/v1/next-token":
+                    return 200, self.next_token(body)
+                if method == "POST" and path == "/v1/completions":
+                    return 200, self.completions(body)
+            return 404, _error(f"no route {method} {path}", code="not_found")
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            return 400, _error(f"{param}: {first['msg']}", param=param, code=first["type"])
+        except EngineError as err:
+            return err.status, _error(str(err), param=err.param, code=err.code)
+
+    def _check_model(self, name: str | None) -> None:
+        from serving.engine import EngineError
+
+        if name is not None and name != self.engine.model_name:
+            raise EngineError(f"the model {name!r} does not exist", param="model", status=404)
+
+    def attention(self, body: Any) -> dict:
+        from serving.engine import AttentionOptions
+        from serving.schemas import AttentionRequest
+
+        req = AttentionRequest.model_validate(body)
+        self._check_model(req.model)
+        options = AttentionOptions(
+            layers=req.layers,
+            heads=req.heads,
+            aggregation=req.aggregation,
+            encoding=req.encoding,
+            decimals=req.decimals,
+        )
+        (result,) = self.engine.attention([req.text], [options])
+        return {"model": self.engine.model_name, **dataclasses.asdict(result)}
+
+    def next_token(self, body: Any) -> dict:
+        from serving.schemas import NextTokenRequest
+
+        req = NextTokenRequest.model_validate(body)
+        self._check_model(req.model)
+        (nt,) = self.engine.next_token([req.text], req.top_k)
+        return {
+            "model": self.engine.model_name,
+            "tokens": nt.tokens,
+            "token_ids": nt.token_ids,
+            "top": nt.top,
+        }
+
+    def completions(self, body: Any) -> dict:
+        from serving.engine import AttentionOptions, CompletionParams
+        from serving.schemas import CompletionRequest
+
+        req = CompletionRequest.model_validate(body)
+        self._check_model(req.model)
+        assert isinstance(req.prompt, str) and not req.stream, (
+            "the page sends one prompt, no stream"
+        )
+        ra = req.return_attention
+        attention = None
+        if ra is True:
+            attention = AttentionOptions()
+        elif ra:
+            attention = AttentionOptions(
+                layers=ra.layers,
+                heads=ra.heads,
+                aggregation=ra.aggregation,
+                encoding=ra.encoding,
+                decimals=ra.decimals,
+            )
+        params = CompletionParams(
+            max_tokens=req.max_tokens or 16,
+            temperature=req.temperature,
+            seed=req.seed,
+            attention=attention,
+        )
+        result = self.engine.complete(req.prompt, params)
+        choices = []
+        for c in result.choices:
+            entry = {
+                "text": c.text,
+                "index": c.index,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+            }
+            if c.attention is not None:
+                entry["attention"], entry["tokens"] = c.attention, c.tokens
+            choices.append(entry)
+        return {
+            "id": "cmpl-test",
+            "object": "text_completion",
+            "created": 0,
+            "model": self.engine.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens,
+            },
+        }
+
+
+def _error(message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
+
+
+@pytest.fixture(scope="module")
+def server(engine) -> Iterator[tuple[str, _Api]]:
+    api = _Api(engine)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _send(self, status: int, payload: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _json(self, status: int, data: Any) -> None:
+            self._send(status, json.dumps(data).encode(), "application/json")
+
+        def do_GET(self) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            if path == "/":
+                self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            else:
+                self._json(*api.handle("GET", path, None))
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(self.rfile.read(length) or b"null")
+            except json.JSONDecodeError:
+                self._json(400, _error("request body is not valid JSON", code="invalid_json"))
+                return
+            self._json(*api.handle("POST", urllib.parse.urlsplit(self.path).path, body))
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", api
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    return require_chromium()
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _url(base: str, **params: Any) -> str:
+    return f"{base}/?{urllib.parse.urlencode(params)}"
+
+
+def _visible(token: str) -> str:
+    """The page's chip label: spaces as "·", newlines "⏎", tabs "⇥"."""
+    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
+
+
+def _chip_label(chip: Element) -> str:
+    """A chip's token text without its weight caption (span.w)."""
+    return "".join(
+        c if isinstance(c, str) else c.text
+        for c in chip.children
+        if isinstance(c, str) or "w" not in c.classes
+    )
+
+
+def _ready(dom: Element) -> Element:
+    status = dom.by_id("status")
+    error = dom.by_id("error")
+    assert error is not None and "hidden" in error.attrs, f"error box shown: {error.text!r}"
+    assert status is not None and status.text.strip() == "ready", (
+        f"status is {status.text if status else None!r}"
+    )
+    return status
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    img = imread(str(path))  # float32 in [0, 1], (H, W, 3 or 4)
+    return img[..., :3]
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+def test_analyze_renders_tokens_heatmap_and_next_tokens(chromium, server, engine, tmp_path):
+    base, api = server
+    api.requests.clear()
+    url = _url(base, text=TEXT, layer=1, head=0, pin=5)
+    dom = parse_html(dump_dom(chromium, url, size=WINDOW))
+
+    status = _ready(dom)
+    ids = engine.encode(TEXT)
+    tokens = engine.tokenizer.token_strings(ids)
+    assert status.attrs["data-layers"] == "2"
+    assert status.attrs["data-heads"] == "2"
+    assert status.attrs["data-tokens"] == str(len(ids))
+    assert status.attrs["data-mode"] == "analyze"
+
+    chips = dom.by_id("tokens").by_class("token")
+    assert [_chip_label(c) for c in chips] == [_visible(t) for t in tokens]
+    assert any("·" in _chip_label(c) for c in chips), "spaces are shown visibly"
+
+    heatmap = dom.by_id("heatmap")
+    assert heatmap.tag == "canvas"
+    assert (heatmap.attrs["data-layer"], heatmap.attrs["data-head"]) == ("1", "0")
+    assert "layer 1 · head 0" in heatmap.attrs["aria-label"]
+    # Selectors: 2 layers; 2 heads plus "mean" and "rollout".
+    layer_options = [e.attrs["value"] for e in dom.by_id("layer").iter() if e.tag == "option"]
+    assert layer_options == ["0", "1"]
+    head_options = [e.attrs["value"] for e in dom.by_id("head").iter() if e.tag == "option"]
+    assert head_options == ["0", "1", "mean", "rollout"]
+    thumbs = dom.by_class("thumb")
+    assert len(thumbs) == 4 and sum("selected" in t.classes for t in thumbs) == 1
+
+    # The pinned token's chips show the weights it gives each earlier token: the float16 base64
+    # decode in the page agrees with the engine's map (layer 1, head 0, row 5).
+    (expected,) = engine.attention([TEXT])  # json encoding: float32 values, 4 decimals
+    want = np.array(expected.attention["data"])[1, 0, 5]
+    captions = [next((e.text for e in c.iter() if "w" in e.classes), None) for c in chips]
+    assert all(captions[j] is not None for j in range(6)) and all(c is None for c in captions[6:])
+    for j in range(6):
+        assert abs(float(captions[j]) - float(want[j])) <= 0.006, (j, captions[j], want[j])
+    assert abs(sum(float(want[j]) for j in range(6)) - 1) < 0.01
+
+    nexts = dom.by_id("next-tokens").by_class("next-token")
+    assert len(nexts) == 10
+    (nt,) = engine.next_token([TEXT], top_k=10)
+    assert [int(n.attrs["data-token-id"]) for n in nexts] == [t["token_id"] for t in nt.top]
+    for n, t in zip(nexts, nt.top, strict=True):
+        assert abs(float(n.attrs["data-prob"]) - t["prob"]) < 1e-6
+        label = next(e for e in n.iter() if "nt" in e.classes).text
+        assert label.startswith(_visible(t["token"]))
+
+    # What the page asked for.
+    sent = {path: body for path, body in api.requests}
+    assert sent["/v1/attention"] == {"text": TEXT, "aggregation": "none", "encoding": "base64"}
+    assert sent["/v1/next-token"] == {"text": TEXT, "top_k": 10}
+
+    # The screenshot: the heatmap region is drawn (many colours, not the blank background).
+    png = screenshot(chromium, url, tmp_path / "viewer.png", size=WINDOW)
+    img = _read_png(png)
+    assert img.shape[:2] == (WINDOW[1], WINDOW[0])
+    x, y, w, h = (int(v) for v in heatmap.attrs["data-rect"].split(","))
+    assert w > 100 and h > 100 and y + h // 2 < WINDOW[1], f"heatmap at {x, y, w, h} is off-screen"
+    region = img[y : min(y + h, WINDOW[1]), x : x + w]
+    colours = {tuple(c) for c in (region * 31).round().astype(np.int32).reshape(-1, 3)}
+    drawn = ((1 - region).max(axis=-1) > 0.03).mean()  # not the white background
+    blue = (region[..., 2] - region[..., 0] > 0.15).mean()  # cells of the colour scale
+    assert len(colours) >= 12, f"heatmap region has {len(colours)} colours"
+    assert drawn > 0.3, f"only {drawn:.0%} of the heatmap region is drawn"
+    assert blue > 0.05, f"only {blue:.0%} of the heatmap region is coloured by weight"
+
+
+def test_complete_shows_prompt_and_completion(chromium, server, engine):
+    base, api = server
+    api.requests.clear()
+    prompt = "The cat"
+    url = _url(
+        base, text=prompt, action="complete", max_tokens=6, temperature=0, layer=0, head="mean"
+    )
+    dom = parse_html(dump_dom(chromium, url, size=WINDOW))
+
+    status = _ready(dom)
+    assert status.attrs["data-mode"] == "complete"
+    sent = [body for path, body in api.requests if path == "/v1/completions"]
+    assert sent == [
+        {
+            "model": engine.model_name,
+            "prompt": prompt,
+            "max_tokens": 6,
+            "temperature": 0,
+            "return_attention": {"aggregation": "none", "encoding": "base64"},
+        }
+    ]
+
+    from serving.engine import AttentionOptions, CompletionParams
+
+    result = engine.complete(
+        prompt, CompletionParams(max_tokens=6, temperature=0, attention=AttentionOptions())
+    )
+    choice = result.choices[0]
+    chips = dom.by_id("tokens").by_class("token")
+    assert [_chip_label(c) for c in chips] == [_visible(t) for t in choice.tokens]
+    n_prompt = result.prompt_tokens
+    assert status.attrs["data-tokens"] == str(len(choice.tokens))
+    assert status.attrs["data-prompt-tokens"] == str(n_prompt)
+    assert all("prompt" in c.classes for c in chips[:n_prompt])
+    assert all("completion" in c.classes for c in chips[n_prompt:])
+    assert len(chips) > n_prompt
+    shown = dom.by_id("completion")
+    assert "hidden" not in shown.attrs
+    assert shown.text == prompt + choice.text
+    marks = [e for e in shown.iter() if e.tag == "mark"]
+    assert len(marks) == 1 and marks[0].text == choice.text
+    heatmap = dom.by_id("heatmap")
+    assert (heatmap.attrs["data-layer"], heatmap.attrs["data-head"]) == ("0", "mean")
+
+
+def test_api_error_is_shown(chromium, server):
+    base, _ = server
+    too_long = " ".join(["the cat sits on the mat."] * 40)  # far over the 64-token context
+    dom = parse_html(dump_dom(chromium, _url(base, text=too_long), size=WINDOW))
+    error = dom.by_id("error")
+    assert "hidden" not in error.attrs
+    assert "context window is 64 tokens" in error.text
+    assert dom.by_id("status").text.strip() == "error"
+    assert dom.by_id("tokens").by_class("token") == []
