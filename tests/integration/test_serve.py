@@ -89,7 +89,9 @@ def test_health_models_metrics(server):
     assert "attnlm_requests_total" in metrics and "attnlm_request_seconds" in metrics
     page = server.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert 'id="heatmap"' in page.text and "http://" not in page.text.replace("http://127.0.0.1", "")
+    assert 'id="heatmap"' in page.text and "http://" not in page.text.replace(
+        "http://127.0.0.1", ""
+    )
 
 
 def test_next_token(server):
