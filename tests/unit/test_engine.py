@@ -350,3 +350,15 @@ def test_interleaved_streams_keep_their_own_kv_cache(engine):
                 active[i] = delta is not None
                 texts[i] += delta.text if delta else ""
     assert texts == expected
+
+
+def test_length_buckets_bound_padding_and_cover_every_row():
+    from serving.engine import length_buckets
+
+    lengths = [4, 27, 5, 26, 12, 13, 4, 25]
+    buckets = length_buckets(lengths, max_padding=0.2)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        longest = max(lengths[i] for i in bucket)
+        assert 1 - sum(lengths[i] for i in bucket) / (longest * len(bucket)) <= 0.2
+    assert len(length_buckets(lengths, max_padding=1.0)) == 1
