@@ -22,17 +22,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import AttentionOptions, CompletionParams, Engine, EngineError
+from serving.metrics import ServerMetrics
 from serving.schemas import (
     AttentionOptionsModel,
     AttentionRequest,
@@ -192,21 +186,7 @@ class AttnLMServer:
         self.max_in_flight = 48
         self.in_flight = 0
         self.replica = _replica_name()
-        registry = CollectorRegistry()
-        self.registry = registry
-        self.requests = Counter("attnlm_requests", "HTTP requests", ["endpoint"], registry=registry)
-        self.errors = Counter(
-            "attnlm_errors",
-            "requests answered with an error",
-            ["endpoint", "status"],
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "attnlm_generated_tokens", "completion tokens generated", registry=registry
-        )
-        self.latency = Histogram(
-            "attnlm_request_seconds", "request latency", ["endpoint"], registry=registry
-        )
+        self.metrics = ServerMetrics()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: batch size and wait of the batched forwards, the in-flight bound."""
@@ -232,9 +212,9 @@ class AttnLMServer:
 
     async def _admit(self, endpoint: str, work) -> Response:
         """Count, time and bound a request; turn EngineError into its 4xx response."""
-        self.requests.labels(endpoint).inc()
+        self.metrics.request(endpoint)
         if self.in_flight >= self.max_in_flight:
-            self.errors.labels(endpoint, "503").inc()
+            self.metrics.error(endpoint, 503)
             return error_response(
                 503,
                 f"server is at capacity ({self.max_in_flight} requests in flight); retry shortly",
@@ -246,11 +226,11 @@ class AttnLMServer:
         try:
             result = await work()
         except EngineError as err:
-            self.errors.labels(endpoint, str(err.status)).inc()
+            self.metrics.error(endpoint, err.status)
             return error_response(err.status, str(err), param=err.param, code=err.code)
         finally:
             self.in_flight -= 1
-            self.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.latency(endpoint, time.perf_counter() - start)
         return result if isinstance(result, Response) else JSONResponse(result)
 
     # -- batched forwards ---------------------------------------------------------------------------
@@ -294,7 +274,7 @@ class AttnLMServer:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
     @app.get("/", response_class=HTMLResponse)
     async def viewer(self) -> HTMLResponse:
@@ -391,7 +371,7 @@ class AttnLMServer:
                     entry["attention"] = choice.attention
                     entry["tokens"] = choice.tokens
                 choices.append(entry)
-        self.tokens.inc(completion_tokens)
+        self.metrics.generated(completion_tokens)
         return {
             "id": completion_id,
             "object": "text_completion",
@@ -441,7 +421,7 @@ class AttnLMServer:
                     ],
                 }
                 yield f"data: {json.dumps(chunk)}\n\n"
-        self.tokens.inc(generated)
+        self.metrics.generated(generated)
         yield "data: [DONE]\n\n"
 
 

@@ -87,6 +87,14 @@ def test_health_models_metrics(server):
     server.post("/v1/next-token", json={"text": "The cat"})
     metrics = server.get("/metrics").text
     assert "attnlm_requests_total" in metrics and "attnlm_request_seconds" in metrics
+    server.post("/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 3})
+    server.post("/v1/next-token", json={"text": ""})  # a 400
+    metrics = server.get("/metrics").text
+    assert 'attnlm_errors_total{endpoint="next-token",status="400"}' in metrics
+    generated = [
+        line for line in metrics.splitlines() if line.startswith("attnlm_generated_tokens_total")
+    ]
+    assert generated and float(generated[0].split()[-1]) >= 1
     page = server.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="heatmap"' in page.text and "http://" not in page.text.replace(
