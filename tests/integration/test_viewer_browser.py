@@ -93,18 +93,12 @@ class _Api:
             raise EngineError(f"the model {name!r} does not exist", param="model", status=404)
 
     def attention(self, body: Any) -> dict:
-        from serving.engine import AttentionOptions
+        from serving.app import _attention_options
         from serving.schemas import AttentionRequest
 
         req = AttentionRequest.model_validate(body)
         self._check_model(req.model)
-        options = AttentionOptions(
-            layers=req.layers,
-            heads=req.heads,
-            aggregation=req.aggregation,
-            encoding=req.encoding,
-            decimals=req.decimals,
-        )
+        options = _attention_options(req)
         (result,) = self.engine.attention([req.text], [options])
         return {"model": self.engine.model_name, **dataclasses.asdict(result)}
 
@@ -122,7 +116,8 @@ class _Api:
         }
 
     def completions(self, body: Any) -> dict:
-        from serving.engine import AttentionOptions, CompletionParams
+        from serving.app import _attention_options
+        from serving.engine import CompletionParams
         from serving.schemas import CompletionRequest
 
         req = CompletionRequest.model_validate(body)
@@ -130,18 +125,7 @@ class _Api:
         assert isinstance(req.prompt, str) and not req.stream, (
             "the page sends one prompt, no stream"
         )
-        ra = req.return_attention
-        attention = None
-        if ra is True:
-            attention = AttentionOptions()
-        elif ra:
-            attention = AttentionOptions(
-                layers=ra.layers,
-                heads=ra.heads,
-                aggregation=ra.aggregation,
-                encoding=ra.encoding,
-                decimals=ra.decimals,
-            )
+        attention = _attention_options(req.return_attention)
         params = CompletionParams(
             max_tokens=req.max_tokens or 16,
             temperature=req.temperature,
