@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-slow lint format train export generate artifact serve serve-bg stop demo bench clean
+.PHONY: install test test-slow lint format train export generate artifact serve serve-bg stop demo bench clean docker-train docker-serve
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,13 @@ demo: train export generate serve-bg
 
 bench: install
 	$(PY) bench/train_throughput.py
+
+# Container images (CUDA PyTorch base; see docker/README.md). Need a Docker engine.
+docker-train:
+	docker build -f docker/train.Dockerfile -t attnlm-train .
+
+docker-serve:
+	docker build -f docker/serve.Dockerfile -t attnlm-serve .
 
 clean:
 	rm -rf runs artifacts .pytest_cache
