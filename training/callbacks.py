@@ -74,7 +74,9 @@ class SpeedMonitor(L.Callback):
                 device.type == "cuda"
             ):  # the spec sheet, else (a chip Lightning does not know) a matmul
                 self.peak_flops = get_available_flops(device, dtype) or measure_matmul_peak(
-                    dtype, device
+                    dtype,
+                    device,
+                    size=8192,  # a GPU needs large matmuls to reach its peak
                 )
             elif self.measure_cpu_peak:
                 self.peak_flops = measure_matmul_peak(dtype, device)
