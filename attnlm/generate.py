@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from attnlm.model import GPT
 
@@ -81,10 +80,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = (
-            cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        )  # mass before this token already enough
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already suffices
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
@@ -202,8 +199,3 @@ def assemble_attention(prefill: torch.Tensor, rows: list[torch.Tensor]) -> torch
     for i, row in enumerate(rows):
         full[..., T + i, : row.size(-1)] = row[..., 0, :]
     return full
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Float32 log-softmax over the last dimension."""
-    return F.log_softmax(logits.float(), dim=-1)
