@@ -172,6 +172,13 @@ def _replica_name() -> str:
     return getattr(replica_id, "unique_id", None) or str(replica_id or "local")
 
 
+def _node_id() -> str | None:
+    """The id of the Ray node this replica runs on (reported by /health), or None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=64,
@@ -186,6 +193,7 @@ class AttnLMServer:
         self.max_in_flight = 48
         self.in_flight = 0
         self.replica = _replica_name()
+        self.node_id = _node_id()
         self.metrics = ServerMetrics()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -256,7 +264,12 @@ class AttnLMServer:
     # -- endpoints ------------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.engine.model_name, "replica": self.replica}
+        return {
+            "status": "ok",
+            "model": self.engine.model_name,
+            "replica": self.replica,
+            "node_id": self.node_id,
+        }
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:

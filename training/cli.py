@@ -2,6 +2,7 @@
 
     attnlm fit --config configs/tiny.yaml                      # train (full config saved with the run)
     attnlm fit --config configs/tiny.yaml --ckpt_path last     # resume where the run stopped
+    attnlm fit --launcher ray --ray.num_workers 2 --config configs/tiny.yaml  # on Ray Train workers
     attnlm validate --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/best.ckpt
     attnlm export --checkpoint runs/tiny/checkpoints/best.ckpt --out artifacts/tiny
     attnlm generate --artifact artifacts/tiny --prompt "The cat that" --temperature 0.8
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -31,7 +33,8 @@ from training.module import LanguageModel, NonFiniteLossError
 DEFAULT_ROOT = "runs/default"
 USAGE = """usage: attnlm {fit,validate,export,generate} ...
 
-  fit        train a model (LightningCLI: attnlm fit --config configs/tiny.yaml)
+  fit        train a model (LightningCLI: attnlm fit --config configs/tiny.yaml);
+             on Ray Train workers: attnlm fit --launcher ray --ray.num_workers N [--ray.use_gpu true] ...
   validate   evaluate a checkpoint on the validation split
   export     write a checkpoint as a Hugging Face GPT-2 folder (safetensors, config.json, tokenizer.json)
   generate   sample text from an exported artifact
@@ -83,7 +86,7 @@ class AttnLMCLI(LightningCLI):
             # one version number for both, so that a run's files share logs/version_N
             kwargs["logger"] = [csv, TensorBoardLogger(root, name="logs", version=csv.version)]
         if trainer_config.get("enable_progress_bar") is not False:
-            given = trainer_config.get("callbacks") or []
+            given = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
             callbacks = list(given) if isinstance(given, list) else [given]
             if not any(isinstance(c, ProgressBar) for c in callbacks):
                 kwargs["callbacks"] = [*callbacks, RichProgressBar()]
@@ -96,8 +99,10 @@ class AttnLMCLI(LightningCLI):
         return trainer
 
 
-def run_lightning(args: list[str]) -> None:
-    AttnLMCLI(
+def run_lightning(
+    args: list[str], cli_class: type[AttnLMCLI] = AttnLMCLI, **cli_kwargs: Any
+) -> AttnLMCLI:
+    return cli_class(
         LanguageModel,
         TextDataModule,
         args=args,
@@ -106,6 +111,7 @@ def run_lightning(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "yaml"},
         auto_configure_optimizers=False,
+        **cli_kwargs,
     )
 
 
@@ -137,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         if command not in ("fit", "validate"):
             print(f"attnlm: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
             return 2
-        run_lightning(args)
+        from training.ray_launcher import fit_on_ray, split_launcher_args
+
+        launcher, ray_options, args = split_launcher_args(args)
+        if launcher == "ray":
+            fit_on_ray(args, ray_options)
+        else:
+            run_lightning(args)
         return 0
     except USER_ERRORS as err:
         if os.environ.get("ATTNLM_DEBUG"):

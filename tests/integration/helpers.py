@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +54,27 @@ def clean_env() -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def run_bounded(command: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run `command` from the repository root in its own process group; on timeout kill the whole
+    group (Ray's processes with it) and fail the test with the end of its output."""
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s:\n{output[-4000:]}")
+    return proc.returncode, output
 
 
 def attnlm_command(*args: str) -> list[str]:
