@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-slow lint format train export generate artifact serve serve-bg stop demo bench clean docker-train docker-serve
+.PHONY: install test test-slow lint format train export generate artifact serve serve-bg stop demo bench probe-report clean docker-train docker-serve
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ demo: train export generate serve-bg
 
 bench: install
 	$(PY) bench/train_throughput.py
+
+# Train tiny, tiny-additive and tiny-lstm on the same data and budget, probe them, write docs/probe.md
+probe-report: install
+	$(PY) scripts/probe_report.py
 
 # Container images (CUDA PyTorch base; see docker/README.md). Need a Docker engine.
 docker-train:

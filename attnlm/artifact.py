@@ -10,7 +10,9 @@
         attnlm.json              provenance: where the weights came from, training step, metrics
 
 `transformers.GPT2LMHeadModel.from_pretrained(folder)` loads it unchanged in meaning; our own
-`load_artifact(folder)` reads it with safetensors only. Folders are written atomically: into a
+`load_artifact(folder)` reads it with safetensors only. The probe study's variants (an LSTM,
+additive attention) have no GPT-2 equivalent: their folders have the same files, with
+`model_type: "attnlm"` in config.json and our own parameter names, and only attnlm loads them. Folders are written atomically: into a
 temporary sibling, then renamed into place.
 """
 
@@ -29,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from attnlm.config import ConfigError, GPTConfig
-from attnlm.model import GPT
+from attnlm.model import GPT, LSTMLM, build_model
 from attnlm.tokenizer import EOT_TOKEN, Tokenizer, TokenizerError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -59,10 +61,16 @@ class Artifact:
     info: dict[str, Any]
 
 
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: GPT | LSTMLM) -> dict[str, torch.Tensor]:
     """GPT-2 state dict: Conv1D weights transposed, the tied lm_head left out, zero biases where
-    the model has none (GPT-2 always has them)."""
+    the model has none (GPT-2 always has them). Other architectures: our names, lm_head left out."""
     cfg = model.config
+    if not cfg.is_gpt2:
+        return {
+            name: tensor.detach().to("cpu", torch.float32).contiguous()
+            for name, tensor in model.state_dict().items()
+            if name != "lm_head.weight"
+        }
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -84,6 +92,12 @@ def from_hf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Inverse of `to_hf_state_dict`: our names and layouts (also accepts the 'transformer.' prefix
     missing, as in the original GPT-2 checkpoints)."""
+    if not config.is_gpt2:  # our own names; re-tie the output head to the token embedding
+        ours = dict(state)
+        embedding = "wte.weight" if config.arch == "lstm" else "transformer.wte.weight"
+        if embedding in ours:
+            ours.setdefault("lm_head.weight", ours[embedding])
+        return ours
     ours = {}
     for name, tensor in state.items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):  # GPT-2's causal-mask buffers
@@ -104,7 +118,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def save_artifact(
-    model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike, info: dict[str, Any] | None = None
+    model: GPT | LSTMLM, tokenizer: Tokenizer, out_dir: str | os.PathLike, info: dict[str, Any] | None = None
 ) -> Path:
     """Write the model and tokenizer as a GPT-2 folder at out_dir (replacing it atomically)."""
     cfg = model.config
@@ -195,7 +209,7 @@ def load_artifact(
             f"{folder / WEIGHTS_FILE} is not a readable safetensors file: {err}"
         ) from err
     state = from_hf_state_dict(hf_state, config)
-    model = GPT(config)
+    model = build_model(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

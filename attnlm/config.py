@@ -8,7 +8,10 @@ A `GPTConfig` validates itself at construction and collects every problem into o
     ...
     attnlm.config.ConfigError: invalid model config: n_embd (100) must be divisible by n_head (3)
 
-It maps one to one onto a Hugging Face GPT-2 `config.json` (`to_hf_dict` / `from_hf_dict`).
+The default architecture maps one to one onto a Hugging Face GPT-2 `config.json`
+(`to_hf_dict` / `from_hf_dict`). The two comparison architectures of the probe study, an LSTM
+(`arch="lstm"`) and self-attention with Bahdanau's additive scoring (`attention="additive"`),
+have no GPT-2 equivalent; their `config.json` has `model_type: "attnlm"` and our own fields.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 BYTE_ALPHABET = 256  # byte-level BPE needs every byte as a token
+ARCHS = ("transformer", "lstm")
+ATTENTIONS = ("dot_product", "additive")
 
 
 class ConfigError(ValueError):
@@ -34,6 +39,10 @@ class GPTConfig:
     dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
     bias: bool = True  # biases in Linear layers (GPT-2 has them; LayerNorm always has one)
     layer_norm_epsilon: float = 1e-5
+    # "transformer" (GPT-2) or "lstm" (n_layer LSTM layers of width n_embd; n_head unused)
+    arch: str = "transformer"
+    # "dot_product" (softmax(QK^T/sqrt(d)), SDPA kernels) or "additive" (v^T tanh(W_q q + W_k k))
+    attention: str = "dot_product"
 
     def __post_init__(self) -> None:
         errors = []
@@ -46,8 +55,17 @@ class GPTConfig:
                 f"vocab_size ({self.vocab_size}) must exceed the byte alphabet ({BYTE_ALPHABET}) "
                 "plus the end-of-text token"
             )
+        if self.arch not in ARCHS:
+            errors.append(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.attention not in ATTENTIONS:
+            errors.append(
+                f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}"
+            )
+        elif self.arch == "lstm" and self.attention != "dot_product":
+            errors.append("attention applies to arch 'transformer' only; an LSTM has none")
         if (
-            isinstance(self.n_embd, int)
+            self.arch != "lstm"
+            and isinstance(self.n_embd, int)
             and isinstance(self.n_head, int)
             and self.n_head >= 1
             and self.n_embd >= 1
@@ -78,8 +96,27 @@ class GPTConfig:
             raise ConfigError(f"invalid model config: unknown field(s) {', '.join(unknown)}")
         return cls(**values)
 
+    @property
+    def is_gpt2(self) -> bool:
+        """True when Hugging Face's GPT-2 computes exactly this model (export stays GPT-2)."""
+        return self.arch == "transformer" and self.attention == "dot_product"
+
+    @property
+    def has_attention(self) -> bool:
+        return self.arch == "transformer"
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """The Hugging Face `GPT2Config` fields that describe this model (for config.json)."""
+        """config.json fields: Hugging Face `GPT2Config` ones for the default architecture;
+        for the others model_type "attnlm" with this dataclass under "attnlm_config"."""
+        if not self.is_gpt2:
+            name = "AttnLMLSTM" if self.arch == "lstm" else "AttnLMAdditive"
+            return {
+                "architectures": [name],
+                "model_type": "attnlm",
+                "vocab_size": self.vocab_size,
+                "n_positions": self.block_size,
+                "attnlm_config": self.to_dict(),
+            }
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -103,10 +140,18 @@ class GPTConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> GPTConfig:
-        """Read a GPT-2 `config.json` dict. Fails with ConfigError on what this model can't represent."""
+        """Read a GPT-2 (or attnlm) `config.json` dict. Fails with ConfigError on what this model
+        can't represent."""
+        if hf.get("model_type") == "attnlm":
+            values = hf.get("attnlm_config")
+            if not isinstance(values, dict):
+                raise ConfigError(
+                    "config.json: model_type 'attnlm' needs an 'attnlm_config' object"
+                )
+            return cls.from_dict(values)
         if hf.get("model_type") != "gpt2":
             raise ConfigError(
-                f"config.json: model_type must be 'gpt2', got {hf.get('model_type')!r}"
+                f"config.json: model_type must be 'gpt2' or 'attnlm', got {hf.get('model_type')!r}"
             )
         missing = [
             k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in hf

@@ -199,6 +199,19 @@ _FORMS = {
 }  # fmt: skip
 
 
+_VERB_FORMS: dict[str, dict[str, str]] = {
+    form: forms for forms in (*_FORMS.values(), _WAS_WERE) for form in forms.values()
+}
+RELATIVE_PRONOUNS = frozenset(p for pronouns in _RELATIVE_PRONOUNS.values() for p in pronouns)
+PAST_TENSE_FORMS = frozenset(_PAST_TENSE.values())
+
+
+def verb_forms(word: str) -> dict[str, str] | None:
+    """{"singular": ..., "plural": ...} if `word` is a number-marked verb form of the lexicon
+    ("jumps", "jump", "is", "were", ...), else None."""
+    return _VERB_FORMS.get(word.lower())
+
+
 def _noun_phrase(rng: random.Random, noun_class: str, number: str) -> list[str]:
     """Words of a noun phrase ending in its head noun: ["the", "old", "mat"], ["two", "dogs"]."""
     roll = rng.random()

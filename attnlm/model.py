@@ -16,6 +16,15 @@ keys/values of positions p..p+T-1 into the cache and attends over positions 0..p
     model = GPT(GPTConfig(vocab_size=512))
     out = model(idx)                                  # out.logits: (B, T, vocab_size)
     out = model(idx, return_attention=True)           # out.attention: (n_layer, B, n_head, T, T)
+
+Two variants for comparison, both built by `build_model(config)` and trained, exported and
+served by the same code:
+- `GPTConfig(attention="additive")`: Bahdanau-style additive scoring inside the same causal
+  self-attention, score(q, k) = v^T tanh(W_q q + W_k k) per head (Bahdanau et al. 2014), masked
+  and softmaxed. No fused kernel exists for it: it always takes the explicit path.
+- `GPTConfig(arch="lstm")`: `LSTMLM`, an LSTM language model, the recurrent bottleneck that
+  attention removed. Same forward signature and "KV cache" interface (a cache of the recurrent
+  state), no attention (`return_attention=True` raises).
 """
 
 from __future__ import annotations
@@ -93,6 +102,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
+        self.additive = config.attention == "additive"
+        if self.additive:  # per head: W_q, W_k (hs -> hs) and v (hs)
+            hs = config.head_size
+            self.add_q = nn.Parameter(torch.randn(config.n_head, hs, hs) / math.sqrt(hs))
+            self.add_k = nn.Parameter(torch.randn(config.n_head, hs, hs) / math.sqrt(hs))
+            self.add_v = nn.Parameter(torch.randn(config.n_head, hs) / math.sqrt(hs))
 
     def forward(
         self, x: torch.Tensor, input_pos: int | None = None, return_attention: bool = False
@@ -124,7 +139,9 @@ class CausalSelfAttention(nn.Module):
         """
         t_query, t_key = q.size(-2), k.size(-2)
         dropout_p = self.dropout if self.training else 0.0
-        if not return_attention:
+        if self.additive:
+            scores = self.additive_scores(q, k)  # (B, nh, T, T_k) float32
+        elif not return_attention:
             if t_query == t_key:
                 return F.scaled_dot_product_attention(
                     q, k, v, dropout_p=dropout_p, is_causal=True
@@ -135,15 +152,26 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p
             ), None
-
-        scores = (q @ k.transpose(-2, -1)).float() * (
-            1.0 / math.sqrt(q.size(-1))
-        )  # (B, nh, T, T_k)
+        else:
+            scores = (q @ k.transpose(-2, -1)).float() * (
+                1.0 / math.sqrt(q.size(-1))
+            )  # (B, nh, T, T_k)
         scores = scores.masked_fill(~causal_mask(t_query, t_key, q.device), float("-inf"))
         att = F.softmax(scores, dim=-1)  # (B, nh, T, T_k)
         weights = F.dropout(att, p=dropout_p, training=self.training) if dropout_p else att
         y = weights.to(v.dtype) @ v  # (B, nh, T, hs)
-        return y, att
+        return y, att if return_attention else None
+
+    def additive_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Bahdanau scores v^T tanh(W_q q + W_k k) for every query/key pair: (B, nh, T, T_k) float32.
+
+        Materialises (B, nh, T, T_k, hs): memory and time grow with T^2 * hs, which is why this
+        variant is for the small configs.
+        """
+        qa = torch.einsum("bhtd,hde->bhte", q, self.add_q.to(q.dtype))  # (B, nh, T, hs)
+        ka = torch.einsum("bhtd,hde->bhte", k, self.add_k.to(k.dtype))  # (B, nh, T_k, hs)
+        hidden = torch.tanh(qa.unsqueeze(3) + ka.unsqueeze(2))  # (B, nh, T, T_k, hs)
+        return torch.einsum("bhtke,he->bhtk", hidden, self.add_v.to(hidden.dtype)).float()
 
 
 class MLP(nn.Module):
@@ -177,9 +205,39 @@ class Block(nn.Module):
         return x, att
 
 
+def check_positions(config: GPTConfig, start: int, length: int) -> None:
+    """ValueError unless positions start..start+length-1 fit the context window."""
+    if start < 0 or start + length > config.block_size:
+        raise ValueError(
+            f"positions {start}..{start + length - 1} exceed the context window of "
+            f"{config.block_size} tokens"
+        )
+
+
+def cache_length(config: GPTConfig, max_seq_length: int | None) -> int:
+    """The positions a decoding cache holds (default: the whole context), checked."""
+    max_seq_length = config.block_size if max_seq_length is None else max_seq_length
+    if not 1 <= max_seq_length <= config.block_size:
+        raise ValueError(f"max_seq_length must be in 1..{config.block_size}, got {max_seq_length}")
+    return max_seq_length
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean next-token cross-entropy in nats (targets -1 ignored), or None without targets."""
+    if targets is None:
+        return None
+    return F.cross_entropy(
+        logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+    )
+
+
 class GPT(nn.Module):
+    has_attention = True
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        if config.arch != "transformer":
+            raise ValueError(f"GPT builds arch 'transformer', got {config.arch!r}: use build_model")
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
@@ -229,11 +287,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = 0 if input_pos is None else input_pos
-        if start < 0 or start + T > self.config.block_size:
-            raise ValueError(
-                f"positions {start}..{start + T - 1} exceed the context window of "
-                f"{self.config.block_size} tokens"
-            )
+        check_positions(self.config, start, T)
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(
             self.transformer.wte(idx) + self.transformer.wpe(pos)
@@ -244,11 +298,7 @@ class GPT(nn.Module):
             attentions.append(att)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-            )
+        loss = lm_loss(logits, targets)
         attention = torch.stack(attentions) if return_attention else None  # (L, B, nh, T, T_k)
         return GPTOutput(logits, loss, attention)
 
@@ -261,11 +311,7 @@ class GPT(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         """Give every attention layer a cache of `max_seq_length` (default: the context) positions."""
-        max_seq_length = self.config.block_size if max_seq_length is None else max_seq_length
-        if not 1 <= max_seq_length <= self.config.block_size:
-            raise ValueError(
-                f"max_seq_length must be in 1..{self.config.block_size}, got {max_seq_length}"
-            )
+        max_seq_length = cache_length(self.config, max_seq_length)
         ref = self.lm_head.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
@@ -281,6 +327,14 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
+    def kv_cache_state(self) -> list[KVCache | None]:
+        """The caches now installed (to park them and `load_kv_cache_state` them later)."""
+        return [block.attn.kv_cache for block in self.transformer.h]
+
+    def load_kv_cache_state(self, state: list[KVCache | None]) -> None:
+        for block, cache in zip(self.transformer.h, state, strict=True):
+            block.attn.kv_cache = cache
+
     # -- bookkeeping -----------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position embedding is left out by default (the token one is
@@ -293,13 +347,138 @@ class GPT(nn.Module):
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay on matrices (Linear weights, embeddings), none on
         biases and LayerNorm parameters."""
-        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return optimizer_groups(self, weight_decay)
+
+
+def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+class LSTMState(nn.Module):
+    """The LSTM's "KV cache": hidden and cell state after the tokens fed so far."""
+
+    def __init__(self, n_layer: int, batch_size: int, width: int, device=None, dtype=None) -> None:
+        super().__init__()
+        shape = (n_layer, batch_size, width)
+        self.register_buffer("h", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("c", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.max_seq_length = 0
+        self.pos = 0  # tokens fed so far
+
+
+class LSTMLM(nn.Module):
+    """An LSTM language model with GPT's interface: tokens -> embedding -> n_layer LSTM layers of
+    width n_embd -> LayerNorm -> tied output head. Everything it knows about the past is in one
+    state vector per layer: the bottleneck that attention removed."""
+
+    has_attention = False
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if config.arch != "lstm":
+            raise ValueError(f"LSTMLM builds arch 'lstm', got {config.arch!r}: use build_model")
+        self.config = config
+        C = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.lstm = nn.LSTM(
+            C, C, num_layers=config.n_layer, batch_first=True,
+            dropout=config.dropout if config.n_layer > 1 else 0.0, bias=True,
+        )  # fmt: skip
+        self.ln_f = nn.LayerNorm(C, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # tied
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
+        for name, p in self.lstm.named_parameters():
+            if name.startswith("bias_ih"):  # forget-gate bias 1 (Jozefowicz et al. 2015)
+                with torch.no_grad():
+                    p.zero_()
+                    p[C : 2 * C] = 1.0
+            elif name.startswith("bias_hh"):
+                nn.init.zeros_(p)
+        self.state: LSTMState | None = None
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        input_pos: int | None = None,
+        return_attention: bool = False,
+    ) -> GPTOutput:
+        """As `GPT.forward`. With input_pos the recurrent state continues from the tokens fed
+        before (input_pos must equal their count; 0 starts afresh)."""
+        if return_attention:
+            raise ValueError("an LSTM has no attention to return")
+        B, T = idx.shape
+        start = 0 if input_pos is None else input_pos
+        check_positions(self.config, start, T)
+        x = self.drop(self.wte(idx))  # (B, T, C)
+        if input_pos is None:
+            x, _ = self.lstm(x)
+        else:
+            state = self.state
+            if state is None:
+                raise RuntimeError("input_pos given but no state cache: call set_kv_cache() first")
+            if B > state.h.size(1) or start + T > state.max_seq_length:
+                raise ValueError(
+                    f"state cache holds batch {state.h.size(1)} x {state.max_seq_length} "
+                    f"positions; asked for batch {B} up to position {start + T}"
+                )
+            if start not in (0, state.pos):
+                raise ValueError(f"input_pos {start} does not continue the {state.pos} tokens fed")
+            if start == 0:
+                x, (h, c) = self.lstm(x)
+            else:
+                x, (h, c) = self.lstm(x, (state.h[:, :B].contiguous(), state.c[:, :B].contiguous()))
+            state.h[:, :B] = h.to(state.h.dtype)
+            state.c[:, :B] = c.to(state.c.dtype)
+            state.pos = start + T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = lm_loss(logits, targets)
+        return GPTOutput(logits, loss, None)
+
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        max_seq_length = cache_length(self.config, max_seq_length)
+        ref = self.lm_head.weight
+        self.state = LSTMState(
+            self.config.n_layer, batch_size, self.config.n_embd,
+            device=device or ref.device, dtype=dtype or ref.dtype,
+        )  # fmt: skip
+        self.state.max_seq_length = max_seq_length
+
+    def clear_kv_cache(self) -> None:
+        self.state = None
+
+    def kv_cache_state(self) -> LSTMState | None:
+        return self.state
+
+    def load_kv_cache_state(self, state: LSTMState | None) -> None:
+        self.state = state
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        return optimizer_groups(self, weight_decay)
+
+
+LanguageModelNet = GPT | LSTMLM
+
+
+def build_model(config: GPTConfig) -> GPT | LSTMLM:
+    """The network `config` describes: `GPT` (either attention) or `LSTMLM`."""
+    return LSTMLM(config) if config.arch == "lstm" else GPT(config)
 
 
 def flops_per_token(config: GPTConfig, seq_len: int | None = None, training: bool = True) -> float:
@@ -312,5 +491,10 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None, training: boo
     """
     T = config.block_size if seq_len is None else seq_len
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    forward = L * (24 * C * C + 4 * T * C) + 2 * C * V
+    if config.arch == "lstm":  # 4 gates, each (C + C) -> C
+        forward = L * 16 * C * C + 2 * C * V
+    else:
+        forward = L * (24 * C * C + 4 * T * C) + 2 * C * V
+        if config.attention == "additive":  # W_q q, W_k k (2·C·hs each), v^T tanh (2·T·C)
+            forward += L * (4 * C * config.head_size + 2 * T * C)
     return float(3 * forward if training else forward)

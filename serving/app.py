@@ -4,7 +4,8 @@
     serve run serving.app:build_app artifact=artifacts/tiny
 
 Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming), POST
-/v1/next-token, POST /v1/attention, GET /v1/models, GET /health, GET /metrics, GET / (viewer).
+/v1/next-token, POST /v1/attention, POST /v1/probe, GET /v1/models, GET /health, GET /metrics,
+GET / (viewer).
 Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
 (size and wait in `user_config`). Every bad request answers a 4xx with OpenAI's error body;
 requests beyond `max_in_flight` answer 503 with Retry-After.
@@ -16,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from serving.schemas import (
     AttentionRequest,
     CompletionRequest,
     NextTokenRequest,
+    ProbeRequest,
     error_body,
 )
 
@@ -281,6 +284,16 @@ class AttnLMServer:
                     "object": "model",
                     "created": self.created,
                     "owned_by": "attnlm",
+                    # extensions: what the viewer needs to know (an LSTM has no attention maps)
+                    "arch": self.engine.config.arch,
+                    "attention": self.engine.config.attention
+                    if self.engine.config.has_attention
+                    else None,
+                    "n_layers": self.engine.config.n_layer,
+                    "n_heads": self.engine.config.n_head
+                    if self.engine.config.has_attention
+                    else None,
+                    "context_length": self.engine.max_context,
                 }
             ],
         }
@@ -330,6 +343,17 @@ class AttnLMServer:
             return {"model": self.engine.model_name, **_attention_dict(result)}
 
         return await self._admit("attention", work)
+
+    @app.post("/v1/probe")
+    async def probe(self, request: ProbeRequest) -> Response:
+        async def work():
+            self._check_model(request.model)
+            result = await asyncio.to_thread(
+                self.engine.probe, request.text, request.subject, request.verb
+            )
+            return {"model": self.engine.model_name, **asdict(result)}
+
+        return await self._admit("probe", work)
 
     @app.post("/v1/completions")
     async def completions(self, request: CompletionRequest) -> Response:

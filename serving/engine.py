@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from attnlm.artifact import load_artifact
 from attnlm.generate import SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
-from attnlm.model import GPT, GPTOutput
+from attnlm.model import GPT, LSTMLM, GPTOutput
+from attnlm.probe import ProbeError, analyze, score_items
 
 AGGREGATIONS = ("none", "mean", "rollout")
 ENCODINGS = ("json", "base64")
@@ -289,6 +290,19 @@ def encode_array(t: torch.Tensor, encoding: str = "json", decimals: int = 4) -> 
     raise _invalid(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}", "encoding")
 
 
+@dataclass
+class ProbeResult:
+    tokens: list[str]  # the text's tokens
+    token_ids: list[int]
+    subject: dict  # {"text", "token_positions"} (indices into tokens)
+    verb: dict  # {"as_written", "correct", "wrong", "token_position"}
+    number: str | None  # the subject's number, None when its noun is not in the lexicon
+    distance: int  # tokens from the subject's last token to the verb
+    agreement: dict  # {"verdict": "correct" | "wrong" | None, "correct_logprob", "wrong_logprob"}
+    attention_to_subject: list[list[float]] | None  # [layer][head]; None for an LSTM
+    best_head: dict | None  # {"layer", "head", "weight"}
+
+
 # -- decoding internals -------------------------------------------------------------------------------
 class _DecodeModel:
     """What `attnlm.generate.stream` drives: the engine's model with logits cut to the
@@ -296,17 +310,17 @@ class _DecodeModel:
     model only for the length of one forward, under the engine's lock, so generations interleaved
     by threads or by async streams never overwrite each other's."""
 
-    def __init__(self, model: GPT, vocab_size: int, lock: threading.Lock) -> None:
+    def __init__(self, model: GPT | LSTMLM, vocab_size: int, lock: threading.Lock) -> None:
         self.model = model
         self.config = model.config
         self.vocab_size = vocab_size
         self._lock = lock
-        self._caches: list | None = None
+        self._caches: object | None = None
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, **kwargs) -> None:
         with self._lock:
             self.model.set_kv_cache(batch_size, max_seq_length, **kwargs)
-            self._caches = [block.attn.kv_cache for block in self.model.transformer.h]
+            self._caches = self.model.kv_cache_state()
             self.model.clear_kv_cache()
 
     def clear_kv_cache(self) -> None:
@@ -317,8 +331,7 @@ class _DecodeModel:
     ) -> GPTOutput:
         with self._lock:
             if input_pos is not None and self._caches is not None:
-                for block, cache in zip(self.model.transformer.h, self._caches, strict=True):
-                    block.attn.kv_cache = cache
+                self.model.load_kv_cache_state(self._caches)
             try:
                 out = self.model(idx, input_pos=input_pos, return_attention=return_attention)
             finally:
@@ -502,6 +515,13 @@ class Engine:
         """EngineError (code "out_of_range") for a layer or head the model does not have."""
         if not isinstance(options, AttentionOptions):
             raise _invalid("attention options must be AttentionOptions", "attention")
+        if not self.model.has_attention:
+            raise EngineError(
+                f"model {self.model_name!r} is an {self.config.arch.upper()}: it has no "
+                "attention maps (next-token and completions without return_attention work)",
+                param="return_attention",
+                code="attention_unavailable",
+            )
         for name, values, count in (
             ("layers", options.layers, self.config.n_layer),
             ("heads", options.heads, self.config.n_head),
@@ -628,6 +648,64 @@ class Engine:
                 n = len(rows[i])
                 maps[i] = self.attention_map(rows[i], att[:, b, :, :n, :n], options[i])
         return maps
+
+    # -- probe -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def probe(self, text: str, subject: str | None = None, verb: str | None = None) -> ProbeResult:
+        """The agreement probe on one sentence (`attnlm.probe`): subject and main verb found in
+        `text` (or named), whether the model prefers the verb form that agrees with the subject,
+        and each head's attention from the verb-predicting position to the subject."""
+        ids = self.encode(text)
+        for name, word in (("subject", subject), ("verb", verb)):
+            if word is not None and (not isinstance(word, str) or not word.strip()):
+                raise _invalid(f"{name} must be a non-empty string or null", name)
+        try:
+            item = analyze(self.tokenizer, text, subject, verb)
+        except ProbeError as err:
+            raise EngineError(str(err), param=err.param or "text", code="probe_failed") from err
+        needed = 1 + len(item.prefix_ids) + max(len(item.verb_ids), len(item.wrong_ids or []))
+        if needed > self.max_context:
+            raise EngineError(
+                f"text up to the verb with its forms is {needed} tokens (with the end-of-text "
+                f"token before it); the context window is {self.max_context} tokens",
+                param="text",
+                code="context_length_exceeded",
+            )
+        score = score_items(
+            self.model, [item], self.tokenizer.eot_id, vocab_size=self.tokenizer.vocab_size
+        )[0]
+        best = None
+        att = score.attention_to_subject
+        if att is not None:
+            layer, head = divmod(int(att.argmax()), att.size(1))
+            best = {"layer": layer, "head": head, "weight": round(float(att[layer, head]), 4)}
+        verdict = None if score.correct is None else ("correct" if score.correct else "wrong")
+        return ProbeResult(
+            tokens=self.tokenizer.token_strings(ids),
+            token_ids=ids,
+            subject={"text": item.subject, "token_positions": item.subject_positions},
+            verb={
+                "as_written": text[len(self.tokenizer.decode(item.prefix_ids)) :]
+                .split()[0]
+                .strip(".,;:!?"),
+                "correct": item.verb,
+                "wrong": item.wrong_verb,
+                "token_position": item.verb_position,
+            },
+            number=item.number,
+            distance=item.distance,
+            agreement={
+                "verdict": verdict,
+                "correct_logprob": round(score.correct_logprob, 4),
+                "wrong_logprob": None
+                if score.wrong_logprob is None
+                else round(score.wrong_logprob, 4),
+            },
+            attention_to_subject=None
+            if att is None
+            else [[round(float(x), 4) for x in row] for row in att],
+            best_head=best,
+        )
 
     # -- completions ------------------------------------------------------------------------------------
     def complete(self, prompt: str, params: CompletionParams) -> Completion:

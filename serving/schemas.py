@@ -34,6 +34,13 @@ class NextTokenRequest(_Strict):
     top_k: StrictInt = Field(10, ge=1)
 
 
+class ProbeRequest(_Strict):
+    model: StrictStr | None = None
+    text: StrictStr
+    subject: StrictStr | None = None  # the subject's head noun, when the lexicon does not find it
+    verb: StrictStr | None = None  # the main verb, when the grammar rules do not find it
+
+
 class CompletionRequest(_Strict):
     model: StrictStr
     prompt: StrictStr | list[StrictStr]

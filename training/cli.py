@@ -6,6 +6,7 @@
     attnlm validate --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/best.ckpt
     attnlm export --checkpoint runs/tiny/checkpoints/best.ckpt --out artifacts/tiny
     attnlm generate --artifact artifacts/tiny --prompt "The cat that" --temperature 0.8
+    attnlm probe artifacts/tiny artifacts/tiny-lstm --plot runs/probe.png
 
 Configuration errors (an unknown key, a non-positive size, n_embd not divisible by n_head, a
 missing data file, ...) end the command before any training with one line naming the field.
@@ -31,13 +32,14 @@ from training.data import TextDataModule
 from training.module import LanguageModel, NonFiniteLossError
 
 DEFAULT_ROOT = "runs/default"
-USAGE = """usage: attnlm {fit,validate,export,generate} ...
+USAGE = """usage: attnlm {fit,validate,export,generate,probe} ...
 
   fit        train a model (LightningCLI: attnlm fit --config configs/tiny.yaml);
              on Ray Train workers: attnlm fit --launcher ray --ray.num_workers N [--ray.use_gpu true] ...
   validate   evaluate a checkpoint on the validation split
   export     write a checkpoint as a Hugging Face GPT-2 folder (safetensors, config.json, tokenizer.json)
   generate   sample text from an exported artifact
+  probe      long-range agreement accuracy and attention-to-subject of exported models
 
 Run `attnlm COMMAND --help` for the options of each.
 """
@@ -140,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             from training.generate import main as generate_main
 
             return generate_main(args[1:])
+        if command == "probe":
+            from training.probe import main as probe_main
+
+            return probe_main(args[1:])
         if command not in ("fit", "validate"):
             print(f"attnlm: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
             return 2

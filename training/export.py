@@ -19,7 +19,7 @@ import torch
 
 from attnlm.artifact import ArtifactError, save_artifact
 from attnlm.config import GPTConfig
-from attnlm.model import GPT
+from attnlm.model import GPT, LSTMLM, build_model
 from attnlm.tokenizer import Tokenizer
 
 DATAMODULE_STATE_KEY = (
@@ -37,7 +37,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not a readable attnlm checkpoint: {err}") from err
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> GPT:
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> GPT | LSTMLM:
     """Rebuild the GPT from a LanguageModel checkpoint's hyperparameters and state dict."""
     try:
         hparams = checkpoint["hyper_parameters"]
@@ -49,7 +49,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> GPT:
     names = {f.name for f in fields(GPTConfig)}
     config = GPTConfig(**{k: v for k, v in hparams.items() if k in names})
     state = {k.removeprefix("model."): v for k, v in raw_state.items() if k.startswith("model.")}
-    model = GPT(config)
+    model = build_model(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from attnlm.config import GPTConfig
-from attnlm.model import GPT
+from attnlm.model import build_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,6 +38,8 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         compile: bool = False,
+        arch: str = "transformer",
+        attention: str = "dot_product",
     ) -> None:
         """
         Args:
@@ -57,6 +59,10 @@ class LanguageModel(L.LightningModule):
             weight_decay: AdamW decoupled weight decay on matrices only (not biases, LayerNorm).
             betas: AdamW betas.
             compile: run the training/validation forward through `torch.compile`.
+            arch: "transformer" (GPT-2) or "lstm" (n_layer LSTM layers of width n_embd, for
+                comparison; n_head is unused).
+            attention: "dot_product" (default, SDPA kernels) or "additive" (Bahdanau scoring,
+                explicit path, slower; for comparison).
         """
         super().__init__()
         errors = []
@@ -81,8 +87,10 @@ class LanguageModel(L.LightningModule):
             n_embd=n_embd,
             dropout=dropout,
             bias=bias,
+            arch=arch,
+            attention=attention,
         )
-        self.model = GPT(self.config)
+        self.model = build_model(self.config)
         # kept outside the module tree so that state_dict keys stay the plain GPT ones
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self._first_bad_step: torch.Tensor | None = None

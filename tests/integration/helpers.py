@@ -81,19 +81,19 @@ def attnlm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "training.cli", *args]
 
 
-def build_tiny_artifact(out: Path, seed: int = 0) -> Path:
-    """An untrained 2-layer GPT with a real tokenizer, exported: enough to exercise serving."""
+def build_tiny_artifact(out: Path, seed: int = 0, **config: object) -> Path:
+    """An untrained 2-layer GPT with a real tokenizer, exported: enough to exercise serving.
+    `config` overrides GPTConfig fields (e.g. arch="lstm")."""
     import torch
 
     from attnlm.artifact import save_artifact
     from attnlm.config import GPTConfig
     from attnlm.corpus import generate_corpus
-    from attnlm.model import GPT
+    from attnlm.model import build_model
     from attnlm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(generate_corpus(2000, seed=seed), vocab_size=300)
     torch.manual_seed(seed)
-    model = GPT(
-        GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)
-    )
+    shape = {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, **config}
+    model = build_model(GPTConfig(vocab_size=tokenizer.vocab_size, **shape))
     return save_artifact(model, tokenizer, out)

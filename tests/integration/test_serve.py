@@ -31,6 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(client: httpx.Client, path: str, tries: int = 120) -> None:
+    """Poll `path` until it answers 200 (bounded: `tries` x 0.5 s)."""
+    for _ in range(tries):
+        try:
+            if client.get(path).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{path} did not become healthy")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from serving.app import AttnLMServer
@@ -54,15 +66,7 @@ def server(tmp_path_factory):
     serve.run(app, name="attnlm", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as client:
-        for _ in range(120):  # bounded wait for the replica
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not become healthy")
+        wait_healthy(client, "/health")
         yield client
     serve.shutdown()
     ray.shutdown()
@@ -211,12 +215,93 @@ BAD_REQUESTS = [
     ("/v1/attention", {"text": ""}, 400, "text", ""),
     ("/v1/next-token", {"text": "The cat", "top_k": 0}, 400, "top_k", ""),
     ("/v1/next-token", {"text": 42}, 400, "text", ""),
+    ("/v1/probe", {"text": "Nothing here runs."}, 400, "subject", "no noun"),
+    ("/v1/probe", {"text": "The cat sleeps.", "verb": "flies"}, 400, "verb", "flies"),
+    ("/v1/probe", {"text": "The cat on the mat."}, 400, "verb", "no main verb"),
+    ("/v1/probe", {"text": ""}, 400, "text", ""),
+    ("/v1/probe", {"text": LONG_TEXT}, 400, "text", "64"),
+    ("/v1/probe", {"text": "The cat sleeps.", "subject": 3}, 400, "subject", ""),
+    ("/v1/probe", {"text": "The cat sleeps.", "why": 1}, 400, "why", "unknown field"),
+    ("/v1/probe", {"model": "gpt-4", "text": "The cat sleeps."}, 404, "model", "gpt-4"),
 ]
 
 
 @pytest.mark.parametrize(("path", "payload", "status", "param", "contains"), BAD_REQUESTS)
 def test_bad_requests_answer_4xx_json(server, path, payload, status, param, contains):
     assert_error(server.post(path, json=payload), status, param, contains)
+
+
+def test_probe_finds_subject_and_verb_and_reports_heads(server):
+    text = "The cat that was sitting on the mat which was next to the dogs jump."
+    body = server.post("/v1/probe", json={"text": text}).json()
+    assert body["model"] == "tiny"
+    assert "".join(body["tokens"]) == text
+    assert body["subject"]["text"] == "cat" and body["number"] == "singular"
+    positions = body["subject"]["token_positions"]
+    assert "".join(body["tokens"][p] for p in positions) == " cat"
+    verb = body["verb"]
+    assert (verb["as_written"], verb["correct"], verb["wrong"]) == ("jump", "jumps", "jump")
+    assert "".join(body["tokens"][verb["token_position"] :]) == " jump."
+    assert body["distance"] == verb["token_position"] - body["subject"]["token_positions"][-1]
+    agreement = body["agreement"]
+    expected = "correct" if agreement["correct_logprob"] > agreement["wrong_logprob"] else "wrong"
+    assert agreement["verdict"] == expected
+    heads = body["attention_to_subject"]  # [layer][head] for the 2 x 2 test model
+    assert len(heads) == 2 and all(len(row) == 2 for row in heads)
+    assert all(0 <= w <= 1 for row in heads for w in row)
+    best = body["best_head"]
+    assert best["weight"] == max(w for row in heads for w in row)
+    assert heads[best["layer"]][best["head"]] == best["weight"]
+    # the seed sentence's past tense marks no number: subject and heads, but no verdict
+    seed = "The cat that was sitting on the mat which was next to the dog jumped."
+    body = server.post("/v1/probe", json={"text": seed}).json()
+    assert body["verb"]["correct"] == "jumped" and body["agreement"]["verdict"] is None
+
+
+@pytest.fixture(scope="module")
+def lstm_server(server, tmp_path_factory):
+    """An LSTM artifact served by the same app, beside the GPT one, under /lstm."""
+    from serving.app import AttnLMServer
+
+    artifact = build_tiny_artifact(
+        tmp_path_factory.mktemp("serve-lstm") / "tiny-lstm", arch="lstm", n_head=1
+    )
+    app = AttnLMServer.options(name="LSTMServer", ray_actor_options={"num_cpus": 1}).bind(
+        str(artifact)
+    )
+    serve.run(app, name="lstm", route_prefix="/lstm", blocking=False)
+    wait_healthy(server, "/lstm/health")
+    yield server
+    serve.delete("lstm")
+
+
+def test_lstm_is_served_without_attention(lstm_server):
+    client = lstm_server
+    model = client.get("/lstm/v1/models").json()["data"][0]
+    assert (model["id"], model["arch"], model["attention"]) == ("tiny-lstm", "lstm", None)
+    body = client.post("/lstm/v1/next-token", json={"text": "The cat", "top_k": 3}).json()
+    assert len(body["top"]) == 3
+    completion = client.post(
+        "/lstm/v1/completions",
+        json={"model": "tiny-lstm", "prompt": "The cat", "max_tokens": 4, "temperature": 0},
+    ).json()
+    assert completion["usage"]["completion_tokens"] >= 1
+    error = assert_error(
+        client.post("/lstm/v1/attention", json={"text": "The cat"}), 400, contains="LSTM"
+    )
+    assert error["code"] == "attention_unavailable"
+    assert_error(
+        client.post(
+            "/lstm/v1/completions",
+            json={"model": "tiny-lstm", "prompt": "The cat", "return_attention": True},
+        ),
+        400,
+        contains="no attention",
+    )
+    probe = client.post("/lstm/v1/probe", json={"text": "The cats near the dog sleep."}).json()
+    assert probe["agreement"]["verdict"] in ("correct", "wrong")
+    assert probe["attention_to_subject"] is None and probe["best_head"] is None
+    assert client.get("/lstm/health").status_code == 200
 
 
 def test_malformed_oversized_and_non_utf8_bodies(server):

@@ -68,9 +68,17 @@ class _Api:
         try:
             with self.lock:
                 if method == "GET" and path == "/v1/models":
+                    config = self.engine.config
                     return 200, {
                         "object": "list",
-                        "data": [{"id": self.engine.model_name, "object": "model"}],
+                        "data": [
+                            {
+                                "id": self.engine.model_name,
+                                "object": "model",
+                                "arch": config.arch,
+                                "attention": config.attention if config.has_attention else None,
+                            }
+                        ],
                     }
                 if method == "POST" and path == "/v1/attention":
                     return 200, self.attention(body)
@@ -78,6 +86,8 @@ class _Api:
                     return 200, self.next_token(body)
                 if method == "POST" and path == "/v1/completions":
                     return 200, self.completions(body)
+                if method == "POST" and path == "/v1/probe":
+                    return 200, self.probe(body)
             return 404, _error(f"no route {method} {path}", code="not_found")
         except ValidationError as err:
             first = err.errors()[0]
@@ -114,6 +124,14 @@ class _Api:
             "token_ids": nt.token_ids,
             "top": nt.top,
         }
+
+    def probe(self, body: Any) -> dict:
+        from serving.schemas import ProbeRequest
+
+        req = ProbeRequest.model_validate(body)
+        self._check_model(req.model)
+        result = self.engine.probe(req.text, req.subject, req.verb)
+        return {"model": self.engine.model_name, **dataclasses.asdict(result)}
 
     def completions(self, body: Any) -> dict:
         from serving.app import _attention_options
@@ -166,6 +184,21 @@ def _error(message: str, param: str | None = None, code: str | None = None) -> d
 
 @pytest.fixture(scope="module")
 def server(engine) -> Iterator[tuple[str, _Api]]:
+    yield from _serve(engine)
+
+
+@pytest.fixture(scope="module")
+def lstm_server(tmp_path_factory) -> Iterator[tuple[str, _Api]]:
+    from serving.engine import Engine
+    from tests.integration.helpers import build_tiny_artifact
+
+    folder = build_tiny_artifact(
+        tmp_path_factory.mktemp("lstm") / "tiny-lstm", arch="lstm", n_head=1
+    )
+    yield from _serve(Engine(folder, device="cpu"))
+
+
+def _serve(engine) -> Iterator[tuple[str, _Api]]:
     api = _Api(engine)
 
     class Handler(BaseHTTPRequestHandler):
@@ -375,3 +408,51 @@ def test_api_error_is_shown(chromium, server):
     assert "context window is 64 tokens" in error.text
     assert dom.by_id("status").text.strip() == "error"
     assert dom.by_id("tokens").by_class("token") == []
+
+
+SENTENCE = "The cats near the dog sleep."
+
+
+def test_probe_highlights_subject_verb_and_the_subject_finding_head(chromium, server, engine):
+    base, _ = server
+    dom = parse_html(dump_dom(chromium, _url(base, text=SENTENCE), size=WINDOW))
+    _ready(dom)
+    result = engine.probe(SENTENCE)
+    box = dom.by_id("probe")
+    best = result.best_head
+    assert (box.attrs["data-best-layer"], box.attrs["data-best-head"]) == (
+        str(best["layer"]), str(best["head"]),
+    )  # fmt: skip
+    assert box.attrs["data-verdict"] == result.agreement["verdict"]
+    assert "cats" in box.text and "sleep" in box.text and dom.by_id("probe-show") is not None
+    chips = dom.by_id("tokens").by_class("token")
+    subject = [i for i, c in enumerate(chips) if "subject" in c.classes]
+    verb = [i for i, c in enumerate(chips) if "verb" in c.classes]
+    assert subject == result.subject["token_positions"] and verb == [result.verb["token_position"]]
+    # with no layer/head in the URL the page shows the best head, the verb-predicting row pinned
+    heatmap = dom.by_id("heatmap")
+    assert (heatmap.attrs["data-layer"], heatmap.attrs["data-head"]) == (
+        str(best["layer"]), str(best["head"]),
+    )  # fmt: skip
+    pinned = [i for i, c in enumerate(chips) if "pinned" in c.classes]
+    assert pinned == [result.verb["token_position"] - 1]
+    marked = [t for t in dom.by_class("thumb") if "best" in t.classes]
+    assert [(t.attrs["data-layer"], t.attrs["data-head"]) for t in marked] == [
+        (str(best["layer"]), str(best["head"]))
+    ]
+
+
+def test_lstm_model_shows_tokens_predictions_and_probe_without_a_map(chromium, lstm_server):
+    base, api = lstm_server
+    api.requests.clear()
+    dom = parse_html(dump_dom(chromium, _url(base, text=SENTENCE), size=WINDOW))
+    _ready(dom)
+    assert "/v1/attention" not in [path for path, _ in api.requests]
+    assert "has no attention" in dom.by_id("map-empty").text
+    assert len(dom.by_id("next-tokens").by_class("next-token")) == 10
+    chips = dom.by_id("tokens").by_class("token")
+    assert "".join(_chip_label(c) for c in chips) == _visible(SENTENCE)
+    assert any("subject" in c.classes for c in chips)
+    box = dom.by_id("probe")
+    assert box.attrs["data-verdict"] in ("correct", "wrong") and "data-best-layer" not in box.attrs
+    assert dom.by_class("thumb") == []

@@ -16,7 +16,8 @@ LIGHTNING_CONFIGS = [c for c in CONFIGS if c.name != "serve.yaml"]
 
 
 def test_configs_exist():
-    assert {"tiny.yaml", "small.yaml"} <= {c.name for c in CONFIGS}
+    names = {c.name for c in CONFIGS}
+    assert {"tiny.yaml", "small.yaml", "tiny-lstm.yaml", "tiny-additive.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", LIGHTNING_CONFIGS, ids=lambda p: p.name)
@@ -27,7 +28,19 @@ def test_config_parses_and_builds(path, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]
     gpt = GPTConfig(
-        **{k: model[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")},
+        **{
+            k: model[k]
+            for k in (
+                "block_size",
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "dropout",
+                "bias",
+                "arch",
+                "attention",
+            )
+        },
         vocab_size=config["data"]["vocab_size"],
     )
     assert config["data"]["block_size"] <= gpt.block_size

@@ -1,0 +1,467 @@
+"""The long-range agreement probe: does a model link the verb to its subject across a clause?
+
+A probe item is an agreement sentence from `attnlm.corpus` (held out from the training corpus),
+tokenized, with the token positions of its subject head noun and of its main verb:
+
+    The cat that was sitting on the mat which was next to the dogs | jumps .
+        ^^^ subject tokens                                            ^ verb (position p)
+
+Two measurements per item, both from one batched forward of `<|endoftext|> + prefix + verb`:
+
+- agreement: the model is right when log P(correct form | prefix) > log P(wrong form | prefix),
+  e.g. " jumps" vs " jump" (summed over the form's tokens);
+- attribution: for every layer and head, the attention weight that the position predicting the
+  verb (the last prefix token, p - 1) gives to the subject's tokens, summed over those tokens.
+
+`summarize` groups the results by clause depth, by distance in tokens and by attractor (an
+intervening noun of the other number), and names the head that best finds the subject.
+
+    items = probe_set(tokenizer, per_cell=100, seed=PROBE_SEED, block_size=64)
+    scores = score_items(model, items, eot_id=tokenizer.eot_id)
+    summary = summarize(items, scores)            # accuracy by depth/distance, best head, ...
+
+`analyze` finds subject and main verb in a free sentence of the corpus grammar (used by the
+server's `POST /v1/probe`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from attnlm.corpus import (
+    PAST_TENSE_FORMS,
+    PLURAL,
+    RELATIVE_PRONOUNS,
+    SINGULAR,
+    generate_corpus,
+    generate_sentence,
+    noun_number,
+    verb_forms,
+)
+from attnlm.tokenizer import Tokenizer
+
+PROBE_SEED = 20_251_128  # differs from every training seed in configs/
+# token distance between the subject's last token and the verb's first: bucket edges (inclusive)
+DISTANCE_BUCKETS: tuple[tuple[int, int], ...] = (
+    (1, 1),
+    (2, 5),
+    (6, 10),
+    (11, 15),
+    (16, 20),
+    (21, 10**6),
+)
+
+
+class ProbeError(ValueError):
+    """A sentence the probe cannot use (no subject or verb found, too long, ...)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault: "text", "subject" or "verb"
+
+
+def bucket_label(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else (f"{lo}+" if hi >= 10**6 else f"{lo}-{hi}")
+
+
+def distance_bucket(distance: int) -> str:
+    for lo, hi in DISTANCE_BUCKETS:
+        if lo <= distance <= hi:
+            return bucket_label(lo, hi)
+    raise ValueError(f"distance must be >= 1, got {distance}")
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    """One sentence, tokenized, with the positions the probe reads."""
+
+    text: str
+    subject: str  # head noun as written
+    verb: str  # the form that agrees with the subject (or the verb as written, number unknown)
+    wrong_verb: str | None  # the other-number form; None when the verb marks no number
+    number: str | None  # subject number, "singular" / "plural", None if unknown
+    depth: int | None  # modifiers between subject and verb (generated items)
+    attractor: bool | None  # some noun in between has the other number (generated items)
+    prefix_ids: list[int]  # tokens before the verb
+    verb_ids: list[int]  # tokens of " " + verb
+    wrong_ids: list[int] | None  # tokens of " " + wrong_verb
+    subject_positions: list[int]  # indices into prefix_ids of the subject's tokens
+
+    @property
+    def verb_position(self) -> int:
+        """Index of the verb's first token in the sentence's tokens (= len(prefix_ids))."""
+        return len(self.prefix_ids)
+
+    @property
+    def distance(self) -> int:
+        """Tokens from the subject's last token to the verb's first (1 = adjacent)."""
+        return self.verb_position - self.subject_positions[-1]
+
+
+def _count(tokenizer: Tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text)) if text else 0
+
+
+def make_item(
+    tokenizer: Tokenizer,
+    text: str,
+    subject_span: tuple[int, int],
+    verb_span: tuple[int, int],
+    verb: str,
+    wrong_verb: str | None,
+    number: str | None = None,
+    depth: int | None = None,
+    attractor: bool | None = None,
+) -> ProbeItem:
+    """Tokenize a labelled sentence. Spans are character offsets [start, end) into text; the verb
+    must follow the subject and be preceded by a space (byte-level BPE puts the space in the
+    word's token, so " jumps" is what the model predicts)."""
+    s0, s1 = subject_span
+    v0, _ = verb_span
+    if not (0 <= s0 < s1 <= v0 <= len(text)):
+        raise ProbeError(f"subject span {subject_span} must lie before verb span {verb_span}")
+    if v0 == 0 or text[v0 - 1] != " ":
+        raise ProbeError("the verb must follow a space", "verb")
+    prefix = text[: v0 - 1]
+    prefix_ids = tokenizer.encode(prefix)
+    # tokens before the subject: the text up to it without its trailing space (" cat" is a token)
+    before = text[: s0 - 1] if s0 > 0 and text[s0 - 1] == " " else text[:s0]
+    first, last = _count(tokenizer, before), _count(tokenizer, text[:s1])
+    if last <= first or tokenizer.encode(text[:s1]) != prefix_ids[:last]:
+        raise ProbeError(
+            f"could not place the subject {text[s0:s1]!r} on token boundaries", "subject"
+        )
+
+    def continuation(word: str) -> list[int]:
+        ids = tokenizer.encode(prefix + " " + word)
+        if ids[: len(prefix_ids)] == prefix_ids:
+            return ids[len(prefix_ids) :]
+        return tokenizer.encode(" " + word)
+
+    return ProbeItem(
+        text=text,
+        subject=text[s0:s1],
+        verb=verb,
+        wrong_verb=wrong_verb,
+        number=number,
+        depth=depth,
+        attractor=attractor,
+        prefix_ids=prefix_ids,
+        verb_ids=continuation(verb),
+        wrong_ids=None if wrong_verb is None else continuation(wrong_verb),
+        subject_positions=list(range(first, last)),
+    )
+
+
+def probe_cells(max_depth: int) -> list[tuple[int, bool]]:
+    """(depth, attractor) cells of a balanced probe set: depth 0 has no attractor."""
+    return [(0, False)] + [(d, a) for d in range(1, max_depth + 1) for a in (False, True)]
+
+
+def probe_set(
+    tokenizer: Tokenizer,
+    per_cell: int = 100,
+    seed: int = PROBE_SEED,
+    max_depth: int = 3,
+    block_size: int | None = None,
+    exclude: Iterable[str] = (),
+) -> list[ProbeItem]:
+    """A deterministic, balanced probe set: `per_cell` sentences for every (depth, attractor)
+    cell, none of them in `exclude` (pass the training sentences to hold them out), each fitting
+    `block_size` tokens with the leading end-of-text token and the longer verb form."""
+    if per_cell < 1:
+        raise ValueError(f"per_cell must be >= 1, got {per_cell}")
+    excluded = set(exclude)
+    rng = random.Random(seed)
+    items: list[ProbeItem] = []
+    for depth, attractor in probe_cells(max_depth):
+        made, tries = 0, 0
+        while made < per_cell:
+            tries += 1
+            if tries > 50 * per_cell:
+                raise ProbeError(
+                    f"could not find {per_cell} held-out sentences of depth {depth} "
+                    f"(attractor {attractor}) that fit {block_size} tokens"
+                )
+            s = generate_sentence(rng, depth, depth, attractor)
+            if s.text in excluded:
+                continue
+            item = make_item(
+                tokenizer, s.text, s.subject_span, s.verb_span, s.verb, s.wrong_verb,
+                s.number, s.depth, s.attractor,
+            )  # fmt: skip
+            longest = max(len(item.verb_ids), len(item.wrong_ids or []))
+            if block_size is not None and 1 + len(item.prefix_ids) + longest > block_size:
+                continue
+            items.append(item)
+            made += 1
+    return items
+
+
+def training_sentences(num_sentences: int, seed: int, max_depth: int = 3) -> set[str]:
+    """The built-in training corpus's sentences (to hold them out of a probe set)."""
+    return set(generate_corpus(num_sentences, seed=seed, max_depth=max_depth))
+
+
+# -- scoring ------------------------------------------------------------------------------------------
+@dataclass
+class ItemScore:
+    correct_logprob: float  # log P(verb | prefix), summed over its tokens
+    wrong_logprob: float | None  # log P(wrong_verb | prefix)
+    attention_to_subject: torch.Tensor | None  # (n_layer, n_head) float32, None without attention
+
+    @property
+    def correct(self) -> bool | None:
+        if self.wrong_logprob is None:
+            return None
+        return self.correct_logprob > self.wrong_logprob
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _sequence_logprobs(logprobs: torch.Tensor, start: int, ids: Sequence[int]) -> float:
+    """Sum of log P(ids[i]) read at rows start + i - 1 of logprobs (T, V)."""
+    rows = torch.arange(start - 1, start - 1 + len(ids), device=logprobs.device)
+    return float(logprobs[rows, torch.tensor(ids, device=logprobs.device)].sum())
+
+
+@torch.inference_mode()
+def score_items(
+    model: torch.nn.Module,
+    items: Sequence[ProbeItem],
+    eot_id: int,
+    batch_size: int = 64,
+    vocab_size: int | None = None,
+) -> list[ItemScore]:
+    """Agreement log-probabilities and attention-to-subject for each item (batched forwards of
+    `eot + prefix + form`, right-padded: causal models never look at the padding).
+
+    `model(idx, return_attention=...)` must return logits (B, T, V) and, when the model has
+    attention (`model.has_attention`), attention (L, B, H, T, T). `vocab_size` cuts padded
+    vocabulary rows off before the softmax.
+    """
+    device = _device(model)
+    with_attention = bool(getattr(model, "has_attention", False))
+    scores: list[ItemScore] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        seqs = [[eot_id, *it.prefix_ids, *it.verb_ids] for it in chunk]
+        seqs += [[eot_id, *it.prefix_ids, *it.wrong_ids] for it in chunk if it.wrong_ids]
+        idx = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for b, seq in enumerate(seqs):
+            idx[b, : len(seq)] = torch.tensor(seq)
+        out = model(idx.to(device), return_attention=with_attention)
+        logits = out.logits.float()
+        if vocab_size is not None:
+            logits = logits[..., :vocab_size]
+        logprobs = F.log_softmax(logits, dim=-1)  # (B, T, V)
+        wrong_row = len(chunk)
+        for b, item in enumerate(chunk):
+            first = 1 + len(item.prefix_ids)  # the verb's first token in the sequence
+            correct = _sequence_logprobs(logprobs[b], first, item.verb_ids)
+            wrong = None
+            if item.wrong_ids:
+                wrong = _sequence_logprobs(logprobs[wrong_row], first, item.wrong_ids)
+                wrong_row += 1
+            attention = None
+            if with_attention:
+                subject = torch.tensor(item.subject_positions, device=device) + 1  # after eot
+                row = out.attention[:, b, :, first - 1]  # (L, H, T_k)
+                attention = row.index_select(-1, subject).sum(-1).float().cpu()  # (L, H)
+            scores.append(ItemScore(correct, wrong, attention))
+    return scores
+
+
+# -- summary --------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    n: int = 0
+    correct: int = 0
+    attention: float = 0.0  # sum of the best head's attention to the subject
+    uniform: float = 0.0  # sum of what uniform attention over the prefix would give
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.n if self.n else None
+
+    @property
+    def mean_attention(self) -> float | None:
+        return self.attention / self.n if self.n else None
+
+    @property
+    def mean_uniform(self) -> float | None:
+        return self.uniform / self.n if self.n else None
+
+
+@dataclass
+class ProbeSummary:
+    n: int
+    accuracy: float
+    by_depth: dict[int, Group] = field(default_factory=dict)
+    by_distance: dict[str, Group] = field(default_factory=dict)
+    by_attractor: dict[bool, Group] = field(default_factory=dict)
+    by_depth_attractor: dict[tuple[int, bool], Group] = field(default_factory=dict)
+    head_attention: torch.Tensor | None = None  # (L, H) mean attention to subject, depth >= 1
+    best_head: tuple[int, int] | None = None  # (layer, head) with the highest such mean
+
+    def to_dict(self) -> dict:
+        def groups(d: dict) -> dict:
+            return {
+                str(k): {
+                    "n": g.n,
+                    "accuracy": g.accuracy,
+                    "best_head_attention": g.mean_attention,
+                    "uniform_attention": g.mean_uniform,
+                }
+                for k, g in d.items()
+            }
+
+        return {
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "by_depth": groups(self.by_depth),
+            "by_distance": groups(self.by_distance),
+            "by_attractor": groups(self.by_attractor),
+            "best_head": None if self.best_head is None else list(self.best_head),
+            "head_attention": None
+            if self.head_attention is None
+            else [[round(float(x), 4) for x in row] for row in self.head_attention],
+        }
+
+
+def summarize(items: Sequence[ProbeItem], scores: Sequence[ItemScore]) -> ProbeSummary:
+    """Accuracy by depth, distance bucket and attractor; the head that attends most to the subject
+    from the verb-predicting position (mean over items with depth >= 1, where the subject is not
+    simply the previous token), and that head's attention by group."""
+    if len(items) != len(scores):
+        raise ValueError(f"{len(items)} items but {len(scores)} scores")
+    judged = [(it, sc) for it, sc in zip(items, scores, strict=True) if sc.correct is not None]
+    if not judged:
+        raise ProbeError("no item has a number-marked verb: nothing to judge")
+    head_attention, best = None, None
+    far = [sc.attention_to_subject for it, sc in judged if it.distance > 1]
+    if far and far[0] is not None:
+        head_attention = torch.stack(far).mean(0)  # (L, H)
+        flat = int(head_attention.argmax())
+        best = divmod(flat, head_attention.size(1))
+    summary = ProbeSummary(
+        n=len(judged),
+        accuracy=sum(sc.correct for _, sc in judged) / len(judged),
+        head_attention=head_attention,
+        best_head=best,
+    )
+    for lo, hi in DISTANCE_BUCKETS:
+        summary.by_distance[bucket_label(lo, hi)] = Group()
+    for it, sc in judged:
+        keys = [
+            (summary.by_distance, distance_bucket(it.distance)),
+            (summary.by_attractor, bool(it.attractor)),
+        ]
+        if it.depth is not None:
+            keys += [
+                (summary.by_depth, it.depth),
+                (summary.by_depth_attractor, (it.depth, bool(it.attractor))),
+            ]
+        for table, key in keys:
+            group = table.setdefault(key, Group())
+            group.n += 1
+            group.correct += int(sc.correct)
+            if best is not None:
+                group.attention += float(sc.attention_to_subject[best])
+                group.uniform += len(it.subject_positions) / (1 + len(it.prefix_ids))
+    summary.by_distance = {k: g for k, g in summary.by_distance.items() if g.n}
+    summary.by_depth = dict(sorted(summary.by_depth.items()))
+    return summary
+
+
+# -- free sentences ---------------------------------------------------------------------------------------
+_WORD = re.compile(r"[A-Za-z']+")
+
+
+def _is_verb_like(word: str, loose: bool = False) -> bool:
+    """A verb form of the lexicon; with `loose`, also any other word ending in "ed"."""
+    w = word.lower()
+    if verb_forms(w) is not None or w in PAST_TENSE_FORMS:
+        return True
+    return loose and w.endswith("ed") and noun_number(w) is None
+
+
+_AUXILIARIES = frozenset(("is", "are", "was", "were", "has", "have", "does", "do"))
+
+
+def _main_verb(words: list[tuple[str, int, int]], s: int, loose: bool) -> int | None:
+    for j in range(s + 1, len(words)):
+        if not _is_verb_like(words[j][0], loose) or words[j - 1][0].lower() in RELATIVE_PRONOUNS:
+            continue
+        following = words[j + 1][0] if j + 1 < len(words) else ""
+        if _is_verb_like(following, loose) and words[j][0].lower() not in _AUXILIARIES:
+            continue  # the verb of an object relative, followed by the main verb
+        if noun_number(following) is not None:
+            continue  # an adjective that is also a verb: "the clean cups"
+        return j
+    return None
+
+
+def analyze(
+    tokenizer: Tokenizer, text: str, subject: str | None = None, verb: str | None = None
+) -> ProbeItem:
+    """A probe item for a free sentence: the subject is the first noun of the corpus lexicon (or
+    the first occurrence of `subject`), the main verb the first verb form after it that does not
+    open a relative clause ("that was ..."), nor close an object relative ("which the dog
+    chases | is ..."), or the first occurrence of `verb` after the subject.
+
+    The correct form is the one agreeing with the subject's number when both are in the lexicon
+    ("The cat near the dogs jump." is judged against "jumps"); a verb without number marking
+    ("jumped") gets no wrong form and no verdict. Raises ProbeError when nothing fits.
+    """
+    words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
+    if subject is not None:
+        hits = [i for i, (w, _, _) in enumerate(words) if w.lower() == subject.lower()]
+        if not hits:
+            raise ProbeError(f"subject {subject!r} is not a word of the text", "subject")
+    else:
+        hits = [i for i, (w, _, _) in enumerate(words) if noun_number(w) is not None]
+        if not hits:
+            raise ProbeError(
+                "found no noun of the corpus lexicon to be the subject; name it with 'subject'",
+                "subject",
+            )
+    s = hits[0]
+    if verb is not None:
+        found = [j for j in range(s + 1, len(words)) if words[j][0].lower() == verb.lower()]
+        if not found:
+            raise ProbeError(
+                f"verb {verb!r} does not occur after the subject {words[s][0]!r}", "verb"
+            )
+        v = found[0]
+    else:
+        v = _main_verb(words, s, loose=False)
+        if v is None:  # a verb outside the lexicon: "... the dog jumped."
+            v = _main_verb(words, s, loose=True)
+        if v is None:
+            raise ProbeError("found no main verb after the subject; name it with 'verb'", "verb")
+    written = words[v][0]
+    number = noun_number(words[s][0])
+    forms = verb_forms(written)
+    if forms is None:
+        correct, wrong = written, None
+    elif number is None:
+        correct = written
+        wrong = forms[PLURAL] if forms[SINGULAR] == written.lower() else forms[SINGULAR]
+    else:
+        other = PLURAL if number == SINGULAR else SINGULAR
+        correct, wrong = forms[number], forms[other]
+    return make_item(
+        tokenizer, text, (words[s][1], words[s][2]), (words[v][1], words[v][2]),
+        correct, wrong, number,
+    )  # fmt: skip
