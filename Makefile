@@ -15,7 +15,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-slow lint format train export generate artifact serve serve-bg stop demo bench probe-report clean docker-train docker-serve
+.PHONY: install test test-slow lint format train export generate artifact serve serve-bg stop demo bench probe-report clean docker-train docker-serve docker-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ docker-train:
 
 docker-serve:
 	docker build -f docker/serve.Dockerfile -t attnlm-serve .
+
+# Build the serve image for real with podman from a local CPU stand-in base (made once: debootstrap
+# + python + torch), run it on 127.0.0.1 with artifacts/tiny (or an untrained tiny export) mounted,
+# check /health and a completion. Needs root (apt-get, debootstrap), not Docker Hub. SMOKE_TRAIN=1
+# also builds the train image. See scripts/docker_smoke.sh.
+docker-smoke: install
+	VENV=$(VENV) bash scripts/docker_smoke.sh
 
 clean:
 	rm -rf runs artifacts .pytest_cache

@@ -117,6 +117,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _make_readable(folder: Path) -> None:
+    """Give the folder and its files the permissions of a normal mkdir / open (0777 / 0666
+    less the umask): readable by the serving processes, whoever they run as."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
 def save_artifact(
     model: GPT | LSTMLM, tokenizer: Tokenizer, out_dir: str | os.PathLike, info: dict[str, Any] | None = None
 ) -> Path:
@@ -160,6 +170,7 @@ def save_artifact(
         )
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
         _write_json(tmp / INFO_FILE, {"format": "attnlm-gpt2", "version": 1, **(info or {})})
+        _make_readable(tmp)  # mkdtemp made it 0700: a container's other uid must read it
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -252,3 +252,19 @@ def test_package_ships_viewer_for_non_editable_installs():
     section = pyproject.split("[tool.setuptools.package-data]", 1)
     assert len(section) == 2, "pyproject.toml has no [tool.setuptools.package-data]"
     assert re.search(r'^serving\s*=\s*\[[^\]]*"static/\*"', section[1], re.M)
+
+
+def test_exported_artifact_is_readable_by_other_users(tmp_path):
+    """The serve image runs as uid 1000 and reads a bind-mounted export: it must not be 0700."""
+    import os
+    import stat
+
+    from tests.integration.helpers import build_tiny_artifact
+
+    umask = os.umask(0o022)
+    try:
+        folder = build_tiny_artifact(tmp_path / "tiny")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in folder.iterdir())
