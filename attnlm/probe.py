@@ -289,6 +289,7 @@ class Group:
     correct: int = 0
     attention: float = 0.0  # sum of the best head's attention to the subject
     uniform: float = 0.0  # sum of what uniform attention over the prefix would give
+    margin: float = 0.0  # sum of log P(correct form) - log P(wrong form), nats
 
     @property
     def accuracy(self) -> float | None:
@@ -301,6 +302,11 @@ class Group:
     @property
     def mean_uniform(self) -> float | None:
         return self.uniform / self.n if self.n else None
+
+    @property
+    def mean_margin(self) -> float | None:
+        """How much more likely the agreeing form is, on average: mean log-prob difference."""
+        return self.margin / self.n if self.n else None
 
 
 @dataclass
@@ -320,6 +326,7 @@ class ProbeSummary:
                 str(k): {
                     "n": g.n,
                     "accuracy": g.accuracy,
+                    "mean_margin_nats": g.mean_margin,
                     "best_head_attention": g.mean_attention,
                     "uniform_attention": g.mean_uniform,
                 }
@@ -376,6 +383,7 @@ def summarize(items: Sequence[ProbeItem], scores: Sequence[ItemScore]) -> ProbeS
             group = table.setdefault(key, Group())
             group.n += 1
             group.correct += int(sc.correct)
+            group.margin += sc.correct_logprob - sc.wrong_logprob
             if best is not None:
                 group.attention += float(sc.attention_to_subject[best])
                 group.uniform += len(it.subject_positions) / (1 + len(it.prefix_ids))

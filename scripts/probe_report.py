@@ -37,13 +37,17 @@ def attnlm(*args: str) -> None:
 
 
 def training_stats(root: Path) -> dict:
-    """Mean tokens/s (after the first logged step) and the last val loss / bpc of a run."""
+    """Mean tokens/s (after the first logged step), the last val loss / bpc, and the training
+    time of a run (from its config.yaml, written at the start of fit, to its last.ckpt)."""
     (metrics,) = sorted(root.glob("logs/version_*/metrics.csv"))[-1:]
     with metrics.open() as f:
         rows = list(csv.DictReader(f))
     speeds = [float(r["tokens_per_sec"]) for r in rows if r.get("tokens_per_sec")][1:]
     val = [r for r in rows if r.get("val_loss")]
+    started = (metrics.parent / "config.yaml").stat().st_mtime
+    ended = (root / "checkpoints" / "last.ckpt").stat().st_mtime
     return {
+        "fit_seconds": ended - started,
         "tokens_per_sec": sum(speeds) / len(speeds) if speeds else None,
         "val_loss": float(val[-1]["val_loss"]) if val else None,
         "val_bpc": float(val[-1]["val_bpc"]) if val and val[-1].get("val_bpc") else None,
@@ -58,20 +62,24 @@ def main() -> int:
     parser.add_argument("--doc", default="docs/probe.md")
     parser.add_argument("--image", default="docs/img/probe.png")
     parser.add_argument("--per-cell", type=int, default=200)
+    parser.add_argument(
+        "--max-depth", type=int, default=5,
+        help="deepest nesting probed (the corpus trains on depth 0-3: 4 and 5 are unseen)",
+    )  # fmt: skip
     parser.add_argument("fit_args", nargs="*", help="extra `attnlm fit` arguments for all three")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    timings, stats = {}, {}
+    stats, reused = {}, False
     for name in MODELS:
         root, artifact = REPO / args.runs / name, REPO / args.artifacts / name
-        if not (args.reuse and (artifact / "model.safetensors").is_file()):
-            t0 = time.perf_counter()
+        if args.reuse and (artifact / "model.safetensors").is_file():
+            reused = True
+        else:
             attnlm(
                 "fit", "--config", f"configs/{name}.yaml",
                 "--trainer.default_root_dir", str(root), *args.fit_args,
             )  # fmt: skip
-            timings[name] = time.perf_counter() - t0
             attnlm(
                 "export",
                 "--checkpoint",
@@ -83,7 +91,10 @@ def main() -> int:
 
     t0 = time.perf_counter()
     probe_args = build_parser().parse_args(
-        [*(str(REPO / args.artifacts / n) for n in MODELS), "--per-cell", str(args.per_cell)]
+        [
+            *(str(REPO / args.artifacts / n) for n in MODELS),
+            *("--per-cell", str(args.per_cell), "--max-depth", str(args.max_depth)),
+        ]
     )
     results = run(probe_args)
     probe_seconds = time.perf_counter() - t0
@@ -96,12 +107,12 @@ def main() -> int:
         )
         + "\n"
     )
-    write_doc(REPO / args.doc, image, results, timings, stats, probe_seconds, total, args)
+    write_doc(REPO / args.doc, image, results, stats, probe_seconds, total, reused, args)
     print(f"wrote {args.doc} and {args.image} in {total / 60:.1f} min")
     return 0
 
 
-def write_doc(path, image, results, timings, stats, probe_seconds, total, args) -> None:
+def write_doc(path, image, results, stats, probe_seconds, total, reused, args) -> None:
     by_name = {r.name: r for r in results}
     lines = [
         "# The attention probe: long-range agreement in three tiny models",
@@ -119,7 +130,7 @@ def write_doc(path, image, results, timings, stats, probe_seconds, total, args) 
         "Three models of about the same size are trained on the same data with the same trainer, "
         "steps, batch and learning-rate schedule (1000 steps of 32 windows of 64 tokens):",
         "",
-        "| model | config | what | params | training time | tokens/s | final val loss (nats/token) |",
+        "| model | config | what | params | training time (fit) | tokens/s | final val loss (nats/token) |",
         "|---|---|---|---|---|---|---|",
     ]
     what = {
@@ -129,7 +140,7 @@ def write_doc(path, image, results, timings, stats, probe_seconds, total, args) 
     }
     for name in MODELS:
         r, s = by_name[name], stats[name]
-        took = f"{timings[name] / 60:.1f} min" if name in timings else "(reused)"
+        took = f"{s['fit_seconds'] / 60:.1f} min"
         speed = f"{s['tokens_per_sec']:,.0f}" if s["tokens_per_sec"] else "-"
         loss = f"{s['val_loss']:.3f}" if s["val_loss"] is not None else "-"
         lines.append(
@@ -141,13 +152,17 @@ def write_doc(path, image, results, timings, stats, probe_seconds, total, args) 
         "## The probe",
         "",
         f"{n} held-out sentences (`attnlm.probe.probe_set`: seed {probe_args_seed()}, "
-        f"{args.per_cell} per cell of clause depth 0-3 x attractor; no sentence of the 100,000 "
-        "training sentences), each labelled with the subject and verb positions. For each model:",
+        f"{args.per_cell} per cell of clause depth 0-{args.max_depth} x attractor; none of the "
+        "100,000 training sentences), each labelled with the subject and verb positions. The "
+        "training corpus nests at most 3 modifiers: depths 4 and up are longer than anything the "
+        "models were trained on. For each model:",
         "",
         "- **agreement accuracy**: the share of sentences where log P(correct form | prefix) > "
         "log P(other form | prefix), the forms summed over their tokens, the prefix preceded by "
         "the end-of-text token as in training. 50 % is chance; always answering singular would "
-        "scores about 50 % too (the subject's number is a coin flip).",
+        "score about 50 % too (the subject's number is a coin flip).",
+        "- **margin**: the mean of log P(correct form) - log P(other form), in nats: how sure the "
+        "model is, which can fall with distance while the accuracy stays put.",
         "- **attention to the subject**: for every layer and head, the attention weight that the "
         "position predicting the verb gives to the subject's tokens. The *best head* has the "
         "highest mean over the sentences where the subject is not the previous token. "
@@ -172,8 +187,14 @@ def write_doc(path, image, results, timings, stats, probe_seconds, total, args) 
         ".venv/bin/attnlm probe artifacts/tiny artifacts/tiny-additive artifacts/tiny-lstm --plot probe.png",
         "```",
         "",
-        f"This run took {total / 60:.1f} min in all (the probe itself {probe_seconds:.0f} s). "
-        "Training is seeded (`seed_everything: 1337`), but the numbers can move a little between "
+        f"The three fits took {sum(st['fit_seconds'] for st in stats.values()) / 60:.1f} min "
+        f"together, the probe itself {probe_seconds:.0f} s"
+        + (
+            f"; `make probe-report` ran {total / 60:.1f} min from start to end. "
+            if not reused
+            else " (this document was rewritten from models trained by an earlier run). "
+        )
+        + "Training is seeded (`seed_everything: 1337`), but the numbers can move a little between "
         "machines and library versions. Any served model answers the same question for one "
         "sentence: `POST /v1/probe` (docs/serving.md), and the viewer page highlights the head "
         "that finds the subject.",
@@ -205,6 +226,10 @@ def reading(by_name) -> list[str]:
                 f"; {100 * s.by_attractor[False].accuracy:.1f} % without and "
                 f"{100 * s.by_attractor[True].accuracy:.1f} % with an attractor"
             )
+        line += (
+            f"; margin {s.by_depth[0].mean_margin:.1f} nats at depth 0, "
+            f"{s.by_depth[deep].mean_margin:.1f} at depth {deep}"
+        )
         if s.best_head is not None and far in s.by_distance:
             layer, head = s.best_head
             g = s.by_distance[far]
@@ -213,6 +238,28 @@ def reading(by_name) -> list[str]:
                 f"subject {far} tokens back (uniform: {g.mean_uniform:.2f})"
             )
         out.append(line + ".")
+    summaries = {name: by_name[name].summary for name in MODELS}
+    worst = min(s.accuracy for s in summaries.values())
+    depths = sorted(set.intersection(*(set(s.by_depth) for s in summaries.values())))
+    lowest = {
+        d: min(MODELS, key=lambda name, d=d: summaries[name].by_depth[d].mean_margin)
+        for d in depths
+    }
+    counts = {name: sum(v == name for v in lowest.values()) for name in MODELS}
+    weakest = max(counts, key=counts.get)
+    out.append("")
+    if worst >= 0.99:
+        out.append(
+            f"All three models choose the agreeing form in at least {100 * worst:.1f} % of the "
+            f"sentences, up to depth {depths[-1]}: at this size, with these distances (at most "
+            "about 30 tokens), the corpus does not separate them by accuracy. The margin does: "
+            f"{weakest} has the lowest margin at {counts[weakest]} of {len(depths)} depths."
+        )
+    else:
+        out.append(
+            f"The lowest accuracy is {100 * worst:.1f} %; {weakest} has the lowest margin at "
+            f"{counts[weakest]} of {len(depths)} depths."
+        )
     return out
 
 

@@ -111,6 +111,31 @@ def tables(results: list[ModelProbe]) -> list[tuple[str, list[str], list[list[st
         for r in results
     ]
     out.append(("Agreement accuracy (%) by token distance subject -> verb", header, rows))
+    rows = [
+        [r.name]
+        + [
+            f"{r.summary.by_distance[b].mean_margin:.2f}" if b in r.summary.by_distance else "-"
+            for b in buckets
+        ]
+        for r in results
+    ]
+    out.append(
+        (
+            "Mean margin log P(agreeing form) - log P(other form), nats, by token distance",
+            header,
+            rows,
+        )
+    )
+    header_depth = ["model", *[f"depth {d}" for d in depths]]
+    rows = [
+        [r.name]
+        + [
+            f"{r.summary.by_depth[d].mean_margin:.2f}" if d in r.summary.by_depth else "-"
+            for d in depths
+        ]
+        for r in results
+    ]
+    out.append(("Mean margin (nats) by clause depth", header_depth, rows))
     attention = [r for r in results if r.summary.best_head is not None]
     if attention:
         header = ["model", "best head", *[f"d={b}" for b in buckets], "uniform d=11-15"]
@@ -155,14 +180,15 @@ def format_markdown(results: list[ModelProbe]) -> str:
 
 
 def plot(results: list[ModelProbe], path: str | os.PathLike) -> Path:
-    """Left: accuracy vs token distance, one line per model. Right: the best head's attention to
-    the subject vs distance, per attention model, with what uniform attention would give."""
+    """Left: accuracy vs token distance, one line per model. Middle: the mean log-prob margin of
+    the agreeing form. Right: the best head's attention to the subject vs distance, per attention
+    model, with what uniform attention would give."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
     for r in results:
         by = r.summary.by_distance
         keys = list(by)
@@ -177,6 +203,17 @@ def plot(results: list[ModelProbe], path: str | os.PathLike) -> Path:
         ylim=(0, 102),
     )
     left.legend(fontsize=8, loc="lower left")
+    for r in results:
+        by = r.summary.by_distance
+        keys = list(by)
+        middle.plot(keys, [by[k].mean_margin for k in keys], marker="o", label=r.name)
+    middle.axhline(0, color="grey", lw=0.8, ls=":")
+    middle.set(
+        xlabel="tokens from subject to verb",
+        ylabel="log P(agreeing) - log P(other), nats",
+        title="How sure: mean margin of the agreeing form",
+    )
+    middle.legend(fontsize=8)
     uniform_drawn = False
     for r in results:
         if r.summary.best_head is None:
@@ -202,7 +239,7 @@ def plot(results: list[ModelProbe], path: str | os.PathLike) -> Path:
     right.set(
         xlabel="tokens from subject to verb",
         ylabel="attention weight on the subject",
-        title="Best head: attention from the verb's position to the subject",
+        title="Best head: attention from the verb position to the subject",
         ylim=(0, 1.02),
     )
     if uniform_drawn:
