@@ -110,9 +110,14 @@ class CausalSelfAttention(nn.Module):
             self.add_v = nn.Parameter(torch.randn(config.n_head, hs) / math.sqrt(hs))
 
     def forward(
-        self, x: torch.Tensor, input_pos: int | None = None, return_attention: bool = False
+        self,
+        x: torch.Tensor,
+        input_pos: int | None = None,
+        return_attention: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, T, C). Returns y (B, T, C) and, if asked, probabilities (B, nh, T, T_k)."""
+        """x: (B, T, C). Returns y (B, T, C) and, if asked, probabilities (B, nh, T, T_k).
+        `mask` (B, 1, T, T) bool replaces the causal mask (packed sequences, no cache)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -124,14 +129,20 @@ class CausalSelfAttention(nn.Module):
                     "input_pos given but no KV cache: call model.set_kv_cache() first"
                 )
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T_k, hs)
-        y, att = self.attend(q, k, v, return_attention)  # (B, nh, T, hs)
+        y, att = self.attend(q, k, v, return_attention, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), att
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_attention: bool
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        return_attention: bool,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Causal attention of q (B, nh, T, hs) over k, v (B, nh, T_k, hs), T <= T_k.
+        """Causal attention of q (B, nh, T, hs) over k, v (B, nh, T_k, hs), T <= T_k; or, with
+        `mask` (B, 1, T, T_k) bool, attention where the mask is True.
 
         Returns:
             y (B, nh, T, hs) and, if return_attention, float32 probabilities (B, nh, T, T_k)
@@ -142,6 +153,10 @@ class CausalSelfAttention(nn.Module):
         if self.additive:
             scores = self.additive_scores(q, k)  # (B, nh, T, T_k) float32
         elif not return_attention:
+            if mask is not None:
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p
+                ), None
             if t_query == t_key:
                 return F.scaled_dot_product_attention(
                     q, k, v, dropout_p=dropout_p, is_causal=True
@@ -156,7 +171,8 @@ class CausalSelfAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)).float() * (
                 1.0 / math.sqrt(q.size(-1))
             )  # (B, nh, T, T_k)
-        scores = scores.masked_fill(~causal_mask(t_query, t_key, q.device), float("-inf"))
+        allowed = causal_mask(t_query, t_key, q.device) if mask is None else mask
+        scores = scores.masked_fill(~allowed, float("-inf"))
         att = F.softmax(scores, dim=-1)  # (B, nh, T, T_k)
         weights = F.dropout(att, p=dropout_p, training=self.training) if dropout_p else att
         y = weights.to(v.dtype) @ v  # (B, nh, T, hs)
@@ -197,12 +213,36 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, input_pos: int | None = None, return_attention: bool = False
+        self,
+        x: torch.Tensor,
+        input_pos: int | None = None,
+        return_attention: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, att = self.attn(self.ln_1(x), input_pos, return_attention)
+        a, att = self.attn(self.ln_1(x), input_pos, return_attention, mask)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, att
+
+
+def packed_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask of packed rows: several texts side by side in one row.
+
+    Args:
+        segments: (B, T) integer id of the text each token belongs to; a text's tokens are
+            contiguous (ids need only differ between neighbours).
+    Returns:
+        positions (B, T): each token's index within its text (0 at each text's start);
+        mask (B, 1, T, T) bool: a token attends to the earlier tokens of its own text only.
+    """
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    mask = same & causal_mask(T, T, segments.device)
+    return index - first, mask[:, None]
 
 
 def check_positions(config: GPTConfig, start: int, length: int) -> None:
@@ -271,6 +311,7 @@ class GPT(nn.Module):
         *,
         input_pos: int | None = None,
         return_attention: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Next-token logits for every position.
 
@@ -280,6 +321,9 @@ class GPT(nn.Module):
             input_pos: absolute position of idx[:, 0] when decoding with the KV cache; None for
                 a plain forward over positions 0..T-1 that leaves any cache untouched.
             return_attention: also return the attention probabilities of every layer and head.
+            segments: (B, T) ids for packed rows (`packed_layout`): several texts per row, each
+                with its own positions from 0 and attending only to itself, as if it were alone
+                (batched serving without padding). Not with input_pos.
 
         Returns:
             GPTOutput(logits (B, T, V), loss or None, attention (n_layer, B, nh, T, T_k) or None),
@@ -288,13 +332,19 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = 0 if input_pos is None else input_pos
         check_positions(self.config, start, T)
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        mask = None
+        if segments is not None:
+            if input_pos is not None:
+                raise ValueError("segments (packed rows) cannot be combined with the KV cache")
+            pos, mask = packed_layout(segments)  # (B, T), (B, 1, T, T)
+        else:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(
             self.transformer.wte(idx) + self.transformer.wpe(pos)
         )  # (B, T, C)
         attentions = []
         for block in self.transformer.h:
-            x, att = block(x, input_pos, return_attention)
+            x, att = block(x, input_pos, return_attention, mask)
             attentions.append(att)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)

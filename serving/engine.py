@@ -11,8 +11,9 @@ Serve deployment and turns `EngineError` into OpenAI's error body (docs/serving.
     for delta in engine.stream("The cat", CompletionParams(stop=["."])):
         print(delta.text, end="")
 
-`next_token` and `attention` batch any number of texts (right-padded, in length buckets:
-causal attention makes what follows a text's last token irrelevant to it). Completions decode
+`next_token` and `attention` batch any number of texts in one forward, packed side by side in
+rows (each text with its own positions, attending only to itself: the same numbers as alone, with
+almost no padding); an LSTM model gets right-padded length buckets instead. Completions decode
 `n` samples as one batch on the KV cache, through `attnlm.generate.stream`. The model's vocabulary
 may be padded past the tokenizer's; ids without text are never reported nor sampled.
 """
@@ -46,7 +47,25 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 character decodes to
 
 
-MAX_PADDING = 0.2  # a length bucket may be this fraction padding
+MAX_PADDING = 0.2  # a length bucket may be this fraction padding (models that cannot pack)
+PACK_TOKENS = 64  # packed rows hold this many tokens (or the longest text, if longer)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices packed into rows of at most `capacity` tokens, first fit by decreasing length
+    (a text longer than `capacity` gets a row of its own)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(max(capacity - lengths[i], 0))
+    return rows
 
 
 def length_buckets(lengths: list[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
@@ -558,18 +577,44 @@ class Engine:
         return out._replace(logits=out.logits[..., : self.tokenizer.vocab_size])
 
     def _batches(self, rows: list[list[int]], return_attention: bool = False):
-        """Forwards over length buckets of `rows`: yields (row indices, GPTOutput) per bucket.
+        """Batched forwards over `rows`: yields (placements, GPTOutput), where a placement
+        (i, r, s) says that rows[i] sits in row r of the output from position s.
 
-        Right padding costs compute for nothing; rows sorted by length are cut into buckets whose
-        padding stays under `MAX_PADDING` of the bucket's tokens (one forward when lengths are
-        close, a few when they spread: 4 to 27 tokens wasted half the work in one batch).
+        Attention models pack: texts side by side in rows of `PACK_TOKENS`, each with its own
+        positions and attending only to itself (`segments`), so one forward of nearly no padding
+        serves them all (texts of 4 to 27 tokens: 1.5x faster than length buckets). A model
+        without attention (the LSTM) cannot: rows sorted by length are cut into buckets whose
+        right padding stays under `MAX_PADDING` of their tokens.
         """
-        for bucket in length_buckets([len(r) for r in rows], MAX_PADDING):
-            yield bucket, self._forward([rows[i] for i in bucket], return_attention)
+        lengths = [len(r) for r in rows]
+        if not self.model.has_attention:
+            for bucket in length_buckets(lengths, MAX_PADDING):
+                placements = [(i, b, 0) for b, i in enumerate(bucket)]
+                yield placements, self._forward([rows[i] for i in bucket], return_attention)
+            return
+        packed = pack_rows(lengths, min(max(max(lengths), PACK_TOKENS), self.max_context))
+        width = max(sum(lengths[i] for i in row) for row in packed)
+        idx = torch.zeros(len(packed), width, dtype=torch.long)  # (B, T)
+        segments = torch.full((len(packed), width), -1, dtype=torch.long)  # padding: its own
+        placements = []
+        for r, row in enumerate(packed):
+            start = 0
+            for i in row:
+                n = lengths[i]
+                idx[r, start : start + n] = torch.tensor(rows[i])
+                segments[r, start : start + n] = i
+                placements.append((i, r, start))
+                start += n
+        out = self.model(
+            idx.to(self.device),
+            return_attention=return_attention,
+            segments=segments.to(self.device),
+        )
+        yield placements, out._replace(logits=out.logits[..., : self.tokenizer.vocab_size])
 
     @torch.inference_mode()
     def next_token(self, texts: list[str], top_k: int = 10) -> list[NextToken]:
-        """The `top_k` most likely next tokens after each text, from batched forwards (length buckets)."""
+        """The `top_k` most likely next tokens after each text, from one packed forward."""
         vocab = self.tokenizer.vocab_size
         if not _is_int(top_k) or not 1 <= top_k <= vocab:
             raise _invalid(f"top_k must be an integer in 1..{vocab}, got {top_k!r}", "top_k")
@@ -577,9 +622,10 @@ class Engine:
         if not rows:
             return []
         logits = torch.empty(len(rows), self.tokenizer.vocab_size, device=self.device)  # (B, V)
-        for bucket, out in self._batches(rows):
-            last = torch.tensor([len(rows[i]) - 1 for i in bucket], device=self.device)
-            logits[bucket] = out.logits[torch.arange(len(bucket), device=self.device), last].float()
+        for placements, out in self._batches(rows):
+            at = torch.tensor([(r, s + len(rows[i]) - 1) for i, r, s in placements])  # (n, 2)
+            at = at.to(self.device)
+            logits[[i for i, _, _ in placements]] = out.logits[at[:, 0], at[:, 1]].float()
         top_logprobs, top_ids = F.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
         top_logprobs, top_ids = top_logprobs.tolist(), top_ids.tolist()
         strings = self.tokenizer.token_strings([i for ids in top_ids for i in ids])
@@ -642,11 +688,13 @@ class Engine:
         if not rows:
             return []
         maps: list[AttentionMap | None] = [None] * len(rows)
-        for bucket, out in self._batches(rows, return_attention=True):
-            att = out.attention  # (L, b, H, T, T)
-            for b, i in enumerate(bucket):
+        for placements, out in self._batches(rows, return_attention=True):
+            att = out.attention  # (L, rows, H, T, T)
+            for i, r, s in placements:
                 n = len(rows[i])
-                maps[i] = self.attention_map(rows[i], att[:, b, :, :n, :n], options[i])
+                maps[i] = self.attention_map(
+                    rows[i], att[:, r, :, s : s + n, s : s + n], options[i]
+                )
         return maps
 
     # -- probe -------------------------------------------------------------------------------------------

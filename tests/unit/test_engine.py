@@ -362,3 +362,45 @@ def test_length_buckets_bound_padding_and_cover_every_row():
         longest = max(lengths[i] for i in bucket)
         assert 1 - sum(lengths[i] for i in bucket) / (longest * len(bucket)) <= 0.2
     assert len(length_buckets(lengths, max_padding=1.0)) == 1
+
+
+def test_pack_rows_fills_rows_first_fit_and_places_every_text_once():
+    from serving.engine import pack_rows
+
+    lengths = [4, 27, 5, 26, 12, 13, 4, 25, 70]
+    rows = pack_rows(lengths, capacity=32)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    for row in rows:
+        assert sum(lengths[i] for i in row) <= 32 or row == [8]  # 70 tokens: a row of its own
+    assert rows == [[8], [1, 2], [3, 0], [7, 6], [5, 4]]  # first fit by decreasing length
+
+
+def test_many_texts_packed_equal_each_text_alone(engine):
+    texts = generate_corpus(40, seed=5, max_depth=1) + TEXTS  # many texts in each packed row
+    maps = engine.attention(texts, AttentionOptions(decimals=8))
+    batched = engine.next_token(texts, top_k=5)
+    for text, att_map, nt in zip(texts, maps, batched, strict=True):
+        ids = engine.encode(text)
+        expected = full_attention(engine, ids).double().numpy()
+        np.testing.assert_allclose(decoded(att_map.attention), expected, atol=1e-6)
+        (single,) = engine.next_token([text], top_k=5)
+        assert [t["token_id"] for t in nt.top] == [t["token_id"] for t in single.top]
+        np.testing.assert_allclose(
+            [t["logprob"] for t in nt.top], [t["logprob"] for t in single.top], atol=1e-4
+        )
+
+
+def test_lstm_engine_batches_by_length_buckets(tmp_path):
+    from tests.integration.helpers import build_tiny_artifact
+
+    lstm = Engine(build_tiny_artifact(tmp_path / "lstm", arch="lstm", n_head=1), device="cpu")
+    texts = list(generate_corpus(12, seed=6))
+    batched = lstm.next_token(texts, top_k=4)
+    for text, result in zip(texts, batched, strict=True):
+        (single,) = lstm.next_token([text], top_k=4)
+        np.testing.assert_allclose(
+            [t["logprob"] for t in result.top], [t["logprob"] for t in single.top], atol=1e-4
+        )
+    with pytest.raises(EngineError, match="no attention") as err:
+        lstm.attention(["The cat"])
+    assert err.value.code == "attention_unavailable"

@@ -158,3 +158,22 @@ def test_default_config_still_exports_as_gpt2():
         assert GPTConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     with pytest.raises(ConfigError, match="attnlm_config"):
         GPTConfig.from_hf_dict({"model_type": "attnlm"})
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"attention": "additive"}])
+def test_packed_rows_equal_each_text_alone(kwargs):
+    """segments: texts side by side in one row, each with its own positions and attention."""
+    model = make(**kwargs)
+    a, b = torch.randint(0, 300, (1, 7)), torch.randint(0, 300, (1, 12))
+    packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 12 + [-1] * 3])
+    out = model(packed, segments=segments, return_attention=True)
+    alone_a, alone_b = model(a, return_attention=True), model(b, return_attention=True)
+    torch.testing.assert_close(out.logits[:, :7], alone_a.logits)
+    torch.testing.assert_close(out.logits[:, 7:19], alone_b.logits)
+    torch.testing.assert_close(out.attention[..., 7:19, 7:19], alone_b.attention)
+    assert torch.all(out.attention[..., 7:19, :7] == 0)  # b never sees a
+    torch.testing.assert_close(model(packed, segments=segments).logits, out.logits)  # SDPA path
+    model.set_kv_cache(1)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(packed, input_pos=0, segments=segments)
