@@ -92,6 +92,7 @@ class ProbeItem:
     verb_ids: list[int]  # tokens of " " + verb
     wrong_ids: list[int] | None  # tokens of " " + wrong_verb
     subject_positions: list[int]  # indices into prefix_ids of the subject's tokens
+    written_verb: str = ""  # the verb as the text has it (may be the wrong form)
 
     @property
     def verb_position(self) -> int:
@@ -123,7 +124,7 @@ def make_item(
     must follow the subject and be preceded by a space (byte-level BPE puts the space in the
     word's token, so " jumps" is what the model predicts)."""
     s0, s1 = subject_span
-    v0, _ = verb_span
+    v0, v1 = verb_span
     if not (0 <= s0 < s1 <= v0 <= len(text)):
         raise ProbeError(f"subject span {subject_span} must lie before verb span {verb_span}")
     if v0 == 0 or text[v0 - 1] != " ":
@@ -156,6 +157,7 @@ def make_item(
         verb_ids=continuation(verb),
         wrong_ids=None if wrong_verb is None else continuation(wrong_verb),
         subject_positions=list(range(first, last)),
+        written_verb=text[v0:v1],
     )
 
 

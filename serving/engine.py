@@ -733,9 +733,7 @@ class Engine:
             token_ids=ids,
             subject={"text": item.subject, "token_positions": item.subject_positions},
             verb={
-                "as_written": text[len(self.tokenizer.decode(item.prefix_ids)) :]
-                .split()[0]
-                .strip(".,;:!?"),
+                "as_written": item.written_verb,
                 "correct": item.verb,
                 "wrong": item.wrong_verb,
                 "token_position": item.verb_position,
