@@ -49,6 +49,7 @@ class Tokenizer:
         self._inner = inner
         self._eot_id: int = eot_id
         self._vocab_size: int = inner.get_vocab_size(with_added_tokens=True)
+        self._strings: list[str] | None = None  # token_strings' table, built on first use
 
     @classmethod
     def train(
@@ -168,7 +169,11 @@ class Tokenizer:
         character) in place of the incomplete bytes.
         """
         ids = self._check_ids(ids)
-        return self._inner.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        if self._strings is None:  # every id decoded alone, once: a lookup from then on
+            self._strings = self._inner.decode_batch(
+                [[i] for i in range(self._vocab_size)], skip_special_tokens=False
+            )
+        return [self._strings[i] for i in ids]
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         ids = [int(i) for i in ids]
