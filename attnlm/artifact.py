@@ -128,7 +128,10 @@ def _make_readable(folder: Path) -> None:
 
 
 def save_artifact(
-    model: GPT | LSTMLM, tokenizer: Tokenizer, out_dir: str | os.PathLike, info: dict[str, Any] | None = None
+    model: GPT | LSTMLM,
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model and tokenizer as a GPT-2 folder at out_dir (replacing it atomically)."""
     cfg = model.config
