@@ -33,12 +33,12 @@ test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check attnlm training serving tests bench
-	$(VENV)/bin/ruff format --check attnlm training serving tests bench
+	$(VENV)/bin/ruff check attnlm training serving tests bench scripts
+	$(VENV)/bin/ruff format --check attnlm training serving tests bench scripts
 
 format: install
-	$(VENV)/bin/ruff check --fix attnlm training serving tests bench
-	$(VENV)/bin/ruff format attnlm training serving tests bench
+	$(VENV)/bin/ruff check --fix attnlm training serving tests bench scripts
+	$(VENV)/bin/ruff format attnlm training serving tests bench scripts
 
 train: install
 	$(VENV)/bin/attnlm fit --config configs/tiny.yaml --trainer.default_root_dir $(RUN_DIR)
