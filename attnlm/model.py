@@ -81,6 +81,23 @@ class KVCache(nn.Module):
         self.v[:B, :, input_pos:end] = v.to(self.v.dtype)
         return self.k[:B, :, :end], self.v[:B, :, :end]
 
+    def update_rows(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row at its own position: store k, v (B, nh, 1, hs) of row b at
+        positions[b], and return the keys/values up to the furthest row, (B, nh, max + 1, hs)."""
+        B = k.size(0)
+        end = int(positions.max()) + 1
+        if B > self.k.size(0) or end > self.k.size(2):
+            raise ValueError(
+                f"KV cache holds batch {self.k.size(0)} x {self.k.size(2)} positions; "
+                f"asked for batch {B} up to position {end}"
+            )
+        rows = torch.arange(B, device=k.device)
+        self.k[rows, :, positions] = k[:, :, 0].to(self.k.dtype)
+        self.v[rows, :, positions] = v[:, :, 0].to(self.v.dtype)
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
 
 def causal_mask(t_query: int, t_key: int, device: torch.device | None = None) -> torch.Tensor:
     """Boolean mask (t_query, t_key), True where attention is allowed.
@@ -112,7 +129,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        input_pos: int | None = None,
+        input_pos: int | torch.Tensor | None = None,
         return_attention: bool = False,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,7 +145,12 @@ class CausalSelfAttention(nn.Module):
                 raise RuntimeError(
                     "input_pos given but no KV cache: call model.set_kv_cache() first"
                 )
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T_k, hs)
+            if isinstance(input_pos, torch.Tensor):  # one token per row, each at its own position
+                k, v = self.kv_cache.update_rows(input_pos, k, v)  # (B, nh, T_k, hs)
+                keys = torch.arange(k.size(2), device=k.device)
+                mask = (keys[None, :] <= input_pos[:, None])[:, None, None, :]  # (B, 1, 1, T_k)
+            else:
+                k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T_k, hs)
         y, att = self.attend(q, k, v, return_attention, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), att
@@ -215,7 +237,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        input_pos: int | None = None,
+        input_pos: int | torch.Tensor | None = None,
         return_attention: bool = False,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -309,7 +331,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        input_pos: int | None = None,
+        input_pos: int | torch.Tensor | None = None,
         return_attention: bool = False,
         segments: torch.Tensor | None = None,
     ) -> GPTOutput:
@@ -319,7 +341,9 @@ class GPT(nn.Module):
             idx: token ids (B, T).
             targets: next-token ids (B, T); -1 is ignored. Gives `loss`.
             input_pos: absolute position of idx[:, 0] when decoding with the KV cache; None for
-                a plain forward over positions 0..T-1 that leaves any cache untouched.
+                a plain forward over positions 0..T-1 that leaves any cache untouched; or a
+                (B,) tensor with one position per row, for one token per row (idx (B, 1)): rows
+                of the cache at different lengths decoded together.
             return_attention: also return the attention probabilities of every layer and head.
             segments: (B, T) ids for packed rows (`packed_layout`): several texts per row, each
                 with its own positions from 0 and attending only to itself, as if it were alone
@@ -330,14 +354,20 @@ class GPT(nn.Module):
             where T_k = input_pos + T with the cache and T without.
         """
         B, T = idx.shape
-        start = 0 if input_pos is None else input_pos
-        check_positions(self.config, start, T)
         mask = None
-        if segments is not None:
-            if input_pos is not None:
-                raise ValueError("segments (packed rows) cannot be combined with the KV cache")
+        if segments is not None and input_pos is not None:
+            raise ValueError("segments (packed rows) cannot be combined with the KV cache")
+        if isinstance(input_pos, torch.Tensor):  # rows at different positions (batched decoding)
+            if T != 1 or input_pos.shape != (B,):
+                raise ValueError("per-row input_pos needs idx (B, 1) and input_pos (B,)")
+            check_positions(self.config, int(input_pos.max()), 1)
+            pos = input_pos[:, None]  # (B, 1)
+        elif segments is not None:
+            check_positions(self.config, 0, T)
             pos, mask = packed_layout(segments)  # (B, T), (B, 1, T, T)
         else:
+            start = 0 if input_pos is None else input_pos
+            check_positions(self.config, start, T)
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(
             self.transformer.wte(idx) + self.transformer.wpe(pos)
@@ -457,13 +487,15 @@ class LSTMLM(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        input_pos: int | None = None,
+        input_pos: int | torch.Tensor | None = None,
         return_attention: bool = False,
     ) -> GPTOutput:
         """As `GPT.forward`. With input_pos the recurrent state continues from the tokens fed
         before (input_pos must equal their count; 0 starts afresh)."""
         if return_attention:
             raise ValueError("an LSTM has no attention to return")
+        if isinstance(input_pos, torch.Tensor):
+            raise ValueError("the LSTM decodes all rows at one position: input_pos must be an int")
         B, T = idx.shape
         start = 0 if input_pos is None else input_pos
         check_positions(self.config, start, T)

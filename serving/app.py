@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from serving.schemas import (
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_DECODE_THREADS = 64  # = max_ongoing_requests in configs/serve.yaml
 
 
 def error_response(
@@ -198,6 +200,10 @@ class AttnLMServer:
         self.replica = _replica_name()
         self.node_id = _node_id()
         self.metrics = ServerMetrics()
+        # Completion threads mostly wait for the engine's shared decode steps: a pool of their
+        # own, as large as the requests a replica takes, so that all of them decode together
+        # (asyncio's default pool has min(32, CPUs + 4) threads).
+        self._decode_pool = ThreadPoolExecutor(max_workers=MAX_DECODE_THREADS)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: batch size and wait of the batched forwards, the in-flight bound."""
@@ -212,6 +218,9 @@ class AttnLMServer:
         self.max_in_flight = int(config.get("max_in_flight", 48))
 
     # -- plumbing ---------------------------------------------------------------------------------
+    async def _in_decode_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.engine.model_name:
             raise EngineError(
@@ -385,7 +394,7 @@ class AttnLMServer:
                     self._stream(completion_id, prompts, params, request),
                     media_type="text/event-stream",
                 )
-            return await asyncio.to_thread(self._complete, completion_id, prompts, params)
+            return await self._in_decode_thread(self._complete, completion_id, prompts, params)
 
         return await self._admit("completions", work)
 
@@ -435,7 +444,7 @@ class AttnLMServer:
             deltas = iter(self.engine.stream(prompt, params))
             while True:
                 try:
-                    delta = await asyncio.to_thread(next, deltas, None)
+                    delta = await self._in_decode_thread(next, deltas, None)
                 except EngineError as err:
                     yield f"data: {json.dumps(error_body(str(err), err.param, err.code))}\n\n"
                     yield "data: [DONE]\n\n"

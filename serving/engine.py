@@ -14,7 +14,9 @@ Serve deployment and turns `EngineError` into OpenAI's error body (docs/serving.
 `next_token` and `attention` batch any number of texts in one forward, packed side by side in
 rows (each text with its own positions, attending only to itself: the same numbers as alone, with
 almost no padding); an LSTM model gets right-padded length buckets instead. Completions decode
-`n` samples as one batch on the KV cache, through `attnlm.generate.stream`. The model's vocabulary
+their `n` samples on the KV cache; those in flight at the same time share each decode step
+(`_DecodeBatcher`), except requests for attention maps, which go through `attnlm.generate.stream`
+alone. The model's vocabulary
 may be padded past the tokenizer's; ids without text are never reported nor sampled.
 """
 
@@ -24,7 +26,9 @@ import base64
 import bisect
 import math
 import os
+import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlm.artifact import load_artifact
-from attnlm.generate import SamplingParams, assemble_attention
+from attnlm.generate import GenerationStep, SamplingParams, assemble_attention, sample
 from attnlm.generate import stream as generate_stream
 from attnlm.model import GPT, LSTMLM, GPTOutput
 from attnlm.probe import ProbeError, analyze, score_items
@@ -42,6 +46,7 @@ AGGREGATIONS = ("none", "mean", "rollout")
 ENCODINGS = ("json", "base64")
 MAX_DECIMALS = 8
 MAX_N = 16  # samples per completion request
+DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions decode in
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's legacy completions
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 character decodes to
@@ -358,6 +363,162 @@ class _DecodeModel:
         return out._replace(logits=out.logits[..., : self.vocab_size])  # (B, T, V_tokenizer)
 
 
+class _BatchRun:
+    """One completion (n rows) decoded by `_DecodeBatcher`."""
+
+    def __init__(self, prompt: torch.Tensor, params: SamplingParams, budget: int) -> None:
+        self.prompt = prompt  # (n, T)
+        self.n, self.T = prompt.shape
+        self.params = params
+        self.budget = budget  # sampled tokens at most
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=prompt.device)
+            self.generator.manual_seed(params.seed)
+        self.stop_ids = torch.tensor(list(params.stop_token_ids), device=prompt.device)
+        self.out: queue.Queue = queue.Queue()  # GenerationStep, then None (or an exception)
+        self.cancelled = False
+        self.slots: list[int] = []
+        self.logits: torch.Tensor | None = None  # (n, V) what the next token is sampled from
+        self.finished = torch.zeros(self.n, dtype=torch.bool, device=prompt.device)
+        self.step = 0
+
+
+class _DecodeBatcher:
+    """Decodes concurrent completions together: one forward per step for every active request.
+
+    Each request's rows take slots of one shared KV cache (`slots` rows x the context). A request
+    is prefilled alone (one forward of its prompt, copied into its slots), then every step feeds
+    the last sampled token of every active row at that row's own position (`GPT.forward` with a
+    per-row `input_pos`), so requests that arrived at different times and have different lengths
+    share each decode step. Each request samples with its own parameters and seed and sees the
+    same `GenerationStep`s as `attnlm.generate.stream` would give it alone. A request waits for
+    free slots when all are taken. The work runs on one background thread.
+    """
+
+    def __init__(self, model: GPT, vocab_size: int, lock: threading.Lock, slots: int) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+        self.lock = lock
+        self.n_slots = slots
+        self._caches = None  # the model's per-layer KVCache of n_slots rows, built on first use
+        self._free = list(range(slots))
+        self._pending: deque[_BatchRun] = deque()
+        self._active: list[_BatchRun] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def stream(self, prompt: torch.Tensor, params: SamplingParams) -> Iterator[GenerationStep]:
+        """`attnlm.generate.stream(model, prompt, params)` (no attention), decoded together with
+        the other requests in flight. Closing the iterator early frees the request's slots."""
+        n, T = prompt.shape
+        if n > self.n_slots:
+            raise ValueError(f"{n} rows; the batcher has {self.n_slots} slots")
+        budget = min(params.max_new_tokens, self.model.config.block_size - T + 1)
+        if budget <= 0:
+            return
+        run = _BatchRun(prompt, params, budget)
+        with self._wake:
+            self._pending.append(run)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="decode-batcher", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        try:
+            while (item := run.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            run.cancelled = True
+
+    # -- the decode thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._active:
+                    self._wake.wait()
+                admitted = []
+                while self._pending and len(self._free) >= self._pending[0].n:  # first come first
+                    run = self._pending.popleft()
+                    if run.cancelled:
+                        continue
+                    self._free.sort()  # lowest slots first: the decoded rows stay few
+                    run.slots, self._free = self._free[: run.n], self._free[run.n :]
+                    admitted.append(run)
+            try:
+                for run in admitted:
+                    self._active.append(run)
+                    self._prefill(run)
+                self._step()
+            except BaseException as err:  # fail the requests in flight, keep serving
+                for run in list(self._active):
+                    run.out.put(err)
+                    self._release(run)
+
+    def _release(self, run: _BatchRun) -> None:
+        with self._wake:
+            self._active.remove(run)
+            self._free += run.slots
+            run.slots = []
+
+    @torch.inference_mode()
+    def _prefill(self, run: _BatchRun) -> None:
+        with self.lock:
+            if self._caches is None:
+                self.model.set_kv_cache(self.n_slots)
+                self._caches = self.model.kv_cache_state()
+            self.model.set_kv_cache(run.n, run.T)
+            try:
+                out = self.model(run.prompt, input_pos=0)
+                slots = torch.tensor(run.slots, device=run.prompt.device)
+                for shared, own in zip(self._caches, self.model.kv_cache_state(), strict=True):
+                    shared.k[slots, :, : run.T] = own.k
+                    shared.v[slots, :, : run.T] = own.v
+            finally:
+                self.model.clear_kv_cache()
+        run.logits = out.logits[:, -1, : self.vocab_size].float()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """Sample one token for every active row; feed the rows that go on, in one forward."""
+        feeding = []
+        for run in list(self._active):
+            if run.cancelled:
+                self._release(run)
+                continue
+            tokens = sample(run.logits, run.params, run.generator)  # (n,)
+            run.finished = run.finished | torch.isin(tokens, run.stop_ids)
+            last = bool(run.finished.all()) or run.step == run.budget - 1
+            run.out.put(GenerationStep(tokens, run.logits, run.finished.clone(), None))
+            if last:
+                run.out.put(None)
+                self._release(run)
+            else:
+                feeding.append((run, tokens))
+        if not feeding:
+            return
+        device = feeding[0][1].device
+        width = max(max(run.slots) for run, _ in feeding) + 1
+        idx = torch.zeros(width, 1, dtype=torch.long, device=device)  # idle slots: token 0 at
+        pos = torch.zeros(width, dtype=torch.long, device=device)  # position 0, overwritten later
+        for run, tokens in feeding:
+            slots = torch.tensor(run.slots, device=device)
+            idx[slots, 0] = tokens
+            pos[slots] = run.T + run.step
+        with self.lock:
+            self.model.load_kv_cache_state(self._caches)
+            try:
+                logits = self.model(idx, input_pos=pos).logits[:, 0, : self.vocab_size].float()
+            finally:
+                self.model.clear_kv_cache()
+        for run, _ in feeding:
+            run.logits = logits[torch.tensor(run.slots, device=device)]
+            run.step += 1
+
+
 def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that is a proper start of some stop string."""
     longest = 0
@@ -513,6 +674,12 @@ class Engine:
             raise ValueError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
         self.max_tokens_limit = max_tokens_limit
         self._lock = threading.Lock()  # held by KV-cache forwards (see _DecodeModel)
+        # completions without attention maps decode together across requests; an LSTM cannot
+        self._batcher = (
+            _DecodeBatcher(self.model, self.tokenizer.vocab_size, self._lock, slots=DECODE_SLOTS)
+            if self.model.has_attention
+            else None
+        )
 
     # -- validation ---------------------------------------------------------------------------------
     def encode(self, text: str, param: str = "text") -> list[int]:
@@ -843,8 +1010,13 @@ class Engine:
             seed=params.seed,
         )
         prompt = torch.tensor([run.prompt_ids] * params.n, device=self.device)  # (n, T)
-        model = _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock)
-        steps = generate_stream(model, prompt, sampling, params.attention is not None, run.prefill)
+        if params.attention is None and self._batcher is not None:
+            steps = self._batcher.stream(prompt, sampling)
+        else:  # the map needs each step's attention rows: this request decodes alone
+            model = _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock)
+            steps = generate_stream(
+                model, prompt, sampling, params.attention is not None, run.prefill
+            )
         try:
             for step in steps:
                 tokens = step.tokens.tolist()

@@ -404,3 +404,54 @@ def test_lstm_engine_batches_by_length_buckets(tmp_path):
     with pytest.raises(EngineError, match="no attention") as err:
         lstm.attention(["The cat"])
     assert err.value.code == "attention_unavailable"
+
+
+def test_concurrent_completions_decode_together_and_match_alone(engine, monkeypatch):
+    """Requests in flight at the same time share decode forwards (rows at their own positions)
+    and each gets what it gets alone: greedy text, seeded samples, stop strings, n > 1."""
+    import threading
+
+    requests = [
+        ("The cats near the dog", CompletionParams(max_tokens=12, temperature=0)),
+        ("A dog", CompletionParams(max_tokens=20, temperature=0.9, seed=7, n=3)),
+        ("The cat that was sitting on the mat", CompletionParams(max_tokens=8, temperature=0)),
+        ("The", CompletionParams(max_tokens=15, temperature=1.0, seed=3, stop=["e"])),
+    ]
+    alone = [engine.complete(prompt, params) for prompt, params in requests]
+
+    widths = []
+    forward = engine.model.forward
+
+    def counting_forward(idx, *args, **kwargs):
+        if isinstance(kwargs.get("input_pos"), torch.Tensor):
+            widths.append(idx.size(0))
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counting_forward)
+    results: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = engine.complete(*requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for got, want in zip(results, alone, strict=True):
+        assert [c.text for c in got.choices] == [c.text for c in want.choices]
+        assert [c.finish_reason for c in got.choices] == [c.finish_reason for c in want.choices]
+        assert got.completion_tokens == want.completion_tokens
+    assert max(widths) > 3, widths  # some decode step carried rows of several requests
+
+
+def test_cancelled_stream_frees_its_decode_slots(engine):
+    batcher = engine._batcher
+    for _ in range(3 * batcher.n_slots // 16):  # more requests of n=16 than there are slots
+        stream = engine.stream("The dog", CompletionParams(max_tokens=30, n=16, temperature=1.0))
+        next(iter(stream))
+        stream.close()
+    result = engine.complete("The dog", CompletionParams(max_tokens=3, n=16, temperature=0))
+    assert len(result.choices) == 16
