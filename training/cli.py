@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +105,22 @@ class AttnLMCLI(LightningCLI):
 def run_lightning(
     args: list[str], cli_class: type[AttnLMCLI] = AttnLMCLI, **cli_kwargs: Any
 ) -> AttnLMCLI:
-    return cli_class(
-        LanguageModel,
-        TextDataModule,
-        args=args,
-        subclass_mode_model=False,
-        subclass_mode_data=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "yaml"},
-        auto_configure_optimizers=False,
-        **cli_kwargs,
-    )
+    with warnings.catch_warnings():
+        # The command line is passed as `args` while sys.argv still holds it (Lightning's DDP
+        # launcher re-runs sys.argv in its child processes): LightningCLI's warning about having
+        # both is expected here, not a mistake.
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
+        return cli_class(
+            LanguageModel,
+            TextDataModule,
+            args=args,
+            subclass_mode_model=False,
+            subclass_mode_data=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "yaml"},
+            auto_configure_optimizers=False,
+            **cli_kwargs,
+        )
 
 
 USER_ERRORS = (

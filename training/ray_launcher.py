@@ -27,7 +27,6 @@ multi-node cluster, start it from a directory that every node sees (a shared fil
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,8 +137,6 @@ class RayAttnLMCLI(AttnLMCLI):
 def train_worker(config: dict[str, Any]) -> None:
     """The `train_loop_per_worker` of the TorchTrainer: run the fit command line in this worker."""
     os.chdir(config["cwd"])
-    # sys.argv of a Ray worker is Ray's own; LightningCLI would warn that it ignores it
-    warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
     run_lightning(config["args"], cli_class=RayAttnLMCLI, use_gpu=config["use_gpu"])
 
 

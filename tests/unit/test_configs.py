@@ -48,3 +48,16 @@ def test_config_parses_and_builds(path, capsys):
     assert data.vocab_size == config["data"]["vocab_size"]
     assert config["checkpoint"]["save_last"] is True
     assert config["checkpoint"]["monitor"] == "val_loss"
+
+
+def test_cli_does_not_warn_about_its_own_args(capsys):
+    """`attnlm` passes its command line to LightningCLI as `args` while sys.argv holds it too
+    (Lightning's DDP launcher re-runs sys.argv): LightningCLI's warning about that stays quiet."""
+    import warnings
+
+    tiny = next(c for c in LIGHTNING_CONFIGS if c.name == "tiny.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(tiny), "--print_config"])
+    assert not [w for w in caught if "args parameter" in str(w.message)]
