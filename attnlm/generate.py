@@ -98,7 +98,8 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _generator_for(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def generator_for(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A private generator seeded with params.seed, or None (the global RNG) without a seed."""
     if params.seed is None:
         return None
     generator = torch.Generator(device=device)
@@ -136,7 +137,7 @@ def stream(
     if budget <= 0:
         return
     device = prompt.device
-    generator = _generator_for(params, device)
+    generator = generator_for(params, device)
     stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
     model.set_kv_cache(B, max_seq_length=min(block_size, T + budget))
     try:

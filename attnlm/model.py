@@ -72,14 +72,17 @@ class KVCache(nn.Module):
         """
         B, _, T, _ = k.shape
         end = input_pos + T
-        if B > self.k.size(0) or end > self.k.size(2):
-            raise ValueError(
-                f"KV cache holds batch {self.k.size(0)} x {self.k.size(2)} positions; "
-                f"asked for batch {B} up to position {end}"
-            )
+        self._check_room(B, end)
         self.k[:B, :, input_pos:end] = k.to(self.k.dtype)
         self.v[:B, :, input_pos:end] = v.to(self.v.dtype)
         return self.k[:B, :, :end], self.v[:B, :, :end]
+
+    def _check_room(self, batch: int, end: int) -> None:
+        if batch > self.k.size(0) or end > self.k.size(2):
+            raise ValueError(
+                f"KV cache holds batch {self.k.size(0)} x {self.k.size(2)} positions; "
+                f"asked for batch {batch} up to position {end}"
+            )
 
     def update_rows(
         self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -88,11 +91,7 @@ class KVCache(nn.Module):
         positions[b], and return the keys/values up to the furthest row, (B, nh, max + 1, hs)."""
         B = k.size(0)
         end = int(positions.max()) + 1
-        if B > self.k.size(0) or end > self.k.size(2):
-            raise ValueError(
-                f"KV cache holds batch {self.k.size(0)} x {self.k.size(2)} positions; "
-                f"asked for batch {B} up to position {end}"
-            )
+        self._check_room(B, end)
         rows = torch.arange(B, device=k.device)
         self.k[rows, :, positions] = k[:, :, 0].to(self.k.dtype)
         self.v[rows, :, positions] = v[:, :, 0].to(self.v.dtype)

@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from attnlm.probe import PROBE_SEED  # noqa: E402
 from training.probe import build_parser, format_markdown, plot, run  # noqa: E402
 
 MODELS = ("tiny", "tiny-additive", "tiny-lstm")
@@ -151,7 +152,7 @@ def write_doc(path, image, results, stats, probe_seconds, total, reused, args) -
         "",
         "## The probe",
         "",
-        f"{n} held-out sentences (`attnlm.probe.probe_set`: seed {probe_args_seed()}, "
+        f"{n} held-out sentences (`attnlm.probe.probe_set`: seed {PROBE_SEED}, "
         f"{args.per_cell} per cell of clause depth 0-{args.max_depth} x attractor; none of the "
         "100,000 training sentences), each labelled with the subject and verb positions. The "
         "training corpus nests at most 3 modifiers: depths 4 and up are longer than anything the "
@@ -201,12 +202,6 @@ def write_doc(path, image, results, stats, probe_seconds, total, reused, args) -
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")
-
-
-def probe_args_seed() -> int:
-    from attnlm.probe import PROBE_SEED
-
-    return PROBE_SEED
 
 
 def reading(by_name) -> list[str]:

@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from attnlm.artifact import load_artifact
-from attnlm.generate import GenerationStep, SamplingParams, assemble_attention, sample
+from attnlm.generate import (
+    GenerationStep,
+    SamplingParams,
+    assemble_attention,
+    generator_for,
+    sample,
+)
 from attnlm.generate import stream as generate_stream
 from attnlm.model import GPT, LSTMLM, GPTOutput
 from attnlm.probe import ProbeError, analyze, score_items
@@ -371,10 +377,7 @@ class _BatchRun:
         self.n, self.T = prompt.shape
         self.params = params
         self.budget = budget  # sampled tokens at most
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=prompt.device)
-            self.generator.manual_seed(params.seed)
+        self.generator = generator_for(params, prompt.device)
         self.stop_ids = torch.tensor(list(params.stop_token_ids), device=prompt.device)
         self.out: queue.Queue = queue.Queue()  # GenerationStep, then None (or an exception)
         self.cancelled = False

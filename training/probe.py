@@ -273,9 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> list[ModelProbe]:
-    for name in ("per_cell",):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.per_cell < 1:
+        raise ValueError("--per-cell must be >= 1")
     if args.max_depth < 0:
         raise ValueError("--max-depth must be >= 0")
     items_by_tokenizer: dict[str, list[ProbeItem]] = {}
