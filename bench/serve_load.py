@@ -18,9 +18,17 @@ noisy; absolute numbers move between runs, ratios much less):
    for next-token at concurrency 32;
 4. /v1/attention latency vs /v1/next-token latency for the same text (concurrency 1, p50);
 5. overhead at concurrency 1: our next-token p50 (batching off, so no batch wait) minus the bare
-   `engine.next_token([text])` call in-process with 1 torch thread (Ray gives the replica
-   OMP_NUM_THREADS=1), vs the p50 of a trivial deployment (reads the POST body, returns constant JSON) beside
-   ours under /trivial. Target: our overhead <= trivial + 2 ms.
+   engine call, vs the p50 of a trivial deployment (reads the POST body, returns constant JSON)
+   beside ours under /trivial. Target: our overhead <= trivial + 2 ms. The bare engine call is
+   measured two ways: (a) `engine.next_token([text])` back to back in this process with 1 torch
+   thread (Ray gives the replica OMP_NUM_THREADS=1), the issue's definition; (b) the same call
+   inside the replica for the very requests timed, from the app's Server-Timing header
+   (`engine;dur=`). They differ because a served request reaches an engine that was idle for a
+   whole HTTP round trip: with 6-20 ms of sleep, or of busy Python, between calls the same call
+   takes ~1-2.6 ms longer (this machine's shared L3 loses the weights), which no deployment can
+   avoid. A third deployment under /minimal shows that floor: it parses the JSON, calls the
+   engine on the event loop and returns the result, nothing else (no validation, batching,
+   metrics or error handling).
 
 The load generator is wrk (`apt-get install -y wrk`; POST bodies via bench/wrk_post.lua,
 `wrk -t1 -c{N} -d{secs}s --latency`): it costs little CPU on the 2 cores the server shares with
@@ -230,6 +238,7 @@ def run_wrk(url: str, body: dict, conns: int, secs: float, timeout_s: float) -> 
         "rps": ok / (r["duration_us"] / 1e6),
         "p50_ms": r["p50_us"] / 1e3,
         "p99_ms": r["p99_us"] / 1e3,
+        "engine_p50_ms": r["engine_p50_us"] / 1e3 if r["engine_n"] else None,
         "client_cpu_share": cpu / wall,
     }
 
@@ -237,7 +246,7 @@ def run_wrk(url: str, body: dict, conns: int, secs: float, timeout_s: float) -> 
 async def _httpx_load(url: str, body: dict, conns: int, total: int, timeout_s: float) -> dict:
     import httpx
 
-    latencies, errors = [], 0
+    latencies, engine_ms, errors = [], [], 0
     queue = iter(range(total))
     limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
@@ -249,6 +258,9 @@ async def _httpx_load(url: str, body: dict, conns: int, total: int, timeout_s: f
                 try:
                     response = await client.post(url, json=body)
                     ok = response.status_code == 200
+                    timing = response.headers.get("server-timing", "")
+                    if ok and "engine;dur=" in timing:
+                        engine_ms.append(float(timing.split("engine;dur=")[1].split(",")[0]))
                 except httpx.HTTPError:
                     ok = False
                 if ok:
@@ -269,6 +281,7 @@ async def _httpx_load(url: str, body: dict, conns: int, total: int, timeout_s: f
         "rps": len(latencies) / wall,
         "p50_ms": pick(0.5) if latencies else float("nan"),
         "p99_ms": pick(0.99) if latencies else float("nan"),
+        "engine_p50_ms": statistics.median(engine_ms) if engine_ms else None,
         "_wall": wall,
     }
 
@@ -297,13 +310,15 @@ class Loader:
         return run_httpx(url, body, conns, secs, self.timeout_s, est_rps)
 
 
-def wait_healthy(base: str, path: str = "/health", tries: int = 240) -> None:
+def wait_healthy(
+    base: str, path: str = "/health", tries: int = 240, method: str = "GET", body=None
+) -> None:
     import httpx
 
     with httpx.Client(base_url=base, timeout=10) as client:
         for _ in range(tries):
             try:
-                if client.get(path).status_code == 200:
+                if client.request(method, path, json=body).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -326,6 +341,25 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
             await request.body()
             return {"ok": True}
 
+    @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+    class Minimal:
+        """The least a deployment can do around the engine: the floor for item 5."""
+
+        def __init__(self, artifact: str) -> None:
+            from serving.engine import Engine
+
+            self.engine = Engine(artifact, device="cpu")
+
+        async def __call__(self, request):
+            from starlette.responses import JSONResponse
+
+            body = await request.json()
+            start = time.perf_counter()
+            (result,) = self.engine.next_token([body["text"]], body["top_k"])
+            secs = time.perf_counter() - start
+            content = {"tokens": result.tokens, "token_ids": result.token_ids, "top": result.top}
+            return JSONResponse(content, headers={"Server-Timing": f"engine;dur={1e3 * secs:.3f}"})
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     results: dict = {"modes": {}}
@@ -347,6 +381,9 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
         serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial", blocking=False)
+        serve.run(
+            Minimal.bind(str(artifact)), name="minimal", route_prefix="/minimal", blocking=False
+        )
         load = Loader(base, shutil.which("wrk") is not None and not args.httpx, args.http_timeout)
         results["load_generator"] = "wrk" if load.use_wrk else "httpx"
         next_body = {"text": NEXT_TEXT, "top_k": 10}
@@ -365,6 +402,7 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
             serve.run(app, name="attnlm", route_prefix="/", blocking=False)
             wait_healthy(base)
             wait_healthy(base, "/trivial")
+            wait_healthy(base, "/minimal", method="POST", body={"text": NEXT_TEXT, "top_k": 10})
             if "completion_tokens" not in results:
                 with httpx.Client(base_url=base, timeout=args.http_timeout) as client:
                     body = client.post("/v1/completions", json=comp_body).json()
@@ -378,9 +416,10 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
             for c in concurrencies:
                 print(f"  [{mode}] completions c={c}", flush=True)
                 m[f"completions_c{c}"] = load("/v1/completions", comp_body, c, comp_secs, 5)
-            print(f"  [{mode}] attention c=1, trivial c=1", flush=True)
+            print(f"  [{mode}] attention c=1, trivial c=1, minimal c=1", flush=True)
             m["attention_c1"] = load("/v1/attention", {"text": NEXT_TEXT}, 1, secs, 50)
             m["trivial_c1"] = load("/trivial", {"text": NEXT_TEXT}, 1, secs, 100)
+            m["minimal_c1"] = load("/minimal", next_body, 1, secs, 100)
             results["modes"][mode] = m
     finally:
         try:
@@ -449,25 +488,45 @@ def report(res: dict) -> list[str]:
     lines.append("")
     bare = res["bare_call"]
     lines.append(
-        "5. bare engine.next_token([text]) median in-process: "
+        "5. bare engine.next_token([text]) median in-process, back to back: "
         + ", ".join(f"{v:.2f} ms ({k.split('_')[1]} thread(s))" for k, v in bare.items())
+    )
+    lines.append(
+        "   deployment   p50 ms  engine in replica ms  overhead (a) ms  overhead (b) ms"
+        "  vs trivial (a)  (b)"
     )
     for mode in ("off", "on"):
         m = http["modes"][mode]
-        ours = m["next_token_c1"]["p50_ms"] - bare["threads_1_ms"]
-        lines.append(
-            f"   [{mode}] our overhead {m['next_token_c1']['p50_ms']:.2f} - "
-            f"{bare['threads_1_ms']:.2f} = {ours:.2f} ms; trivial deployment p50 "
-            f"{m['trivial_c1']['p50_ms']:.2f} ms; difference {ours - m['trivial_c1']['p50_ms']:+.2f} ms"
-        )
+        trivial = m["trivial_c1"]["p50_ms"]
+        lines.append(f"   [{mode}] trivial {trivial:.2f} ms")
+        for key, name in (("next_token_c1", "ours"), ("minimal_c1", "minimal")):
+            o = overheads(m[key], bare)
+            lines.append(
+                f"   {name:<12}{m[key]['p50_ms']:>7.2f}{o['engine_ms']:>22.2f}{o['a']:>17.2f}"
+                f"{o['b']:>17.2f}{o['a'] - trivial:>+16.2f}{o['b'] - trivial:>+6.2f}"
+            )
+    lines.append(
+        "   (a): p50 - the back-to-back call (the issue's definition); (b): p50 - the engine call"
+        " of the same requests inside the replica"
+    )
     return lines
+
+
+def overheads(r: dict, bare: dict) -> dict:
+    engine_ms = r["engine_p50_ms"] if r["engine_p50_ms"] is not None else float("nan")
+    return {
+        "engine_ms": engine_ms,
+        "a": r["p50_ms"] - bare["threads_1_ms"],
+        "b": r["p50_ms"] - engine_ms,
+    }
 
 
 def targets(res: dict) -> list[tuple[str, bool]]:
     eng, kv, http = res["engine"], res["kv"], res["http"]
     on, off = http["modes"]["on"], http["modes"]["off"]
     batch_ratio = on["next_token_c32"]["rps"] / off["next_token_c32"]["rps"]
-    overhead = off["next_token_c1"]["p50_ms"] - res["bare_call"]["threads_1_ms"]
+    ours = overheads(off["next_token_c1"], res["bare_call"])
+    floor = overheads(off["minimal_c1"], res["bare_call"])
     trivial = off["trivial_c1"]["p50_ms"]
     return [
         (f"engine next_token batched >= 3x singles ({eng['next_token']['ratio']:.2f}x)",
@@ -477,8 +536,12 @@ def targets(res: dict) -> list[tuple[str, bool]]:
         (f"KV cache >= 5x recompute tokens/s ({kv['ratio']:.2f}x)", kv["ratio"] >= 5),
         (f"HTTP next-token c=32 batching >= 1.3x no batching req/s ({batch_ratio:.2f}x)",
          batch_ratio >= 1.3),
-        (f"overhead at c=1 (batching off) <= trivial + 2 ms ({overhead:.2f} vs {trivial:.2f} ms)",
-         overhead <= trivial + 2),
+        (f"overhead at c=1 (batching off), p50 - back-to-back engine call, <= trivial + 2 ms "
+         f"({ours['a']:.2f} vs {trivial:.2f} ms; the minimal deployment: {floor['a']:.2f} ms)",
+         ours["a"] <= trivial + 2),
+        (f"overhead at c=1 (batching off), p50 - engine call in the replica, <= trivial + 2 ms "
+         f"({ours['b']:.2f} vs {trivial:.2f} ms; the minimal deployment: {floor['b']:.2f} ms)",
+         ours["b"] <= trivial + 2),
     ]  # fmt: skip
 
 
@@ -507,7 +570,7 @@ def plot(res: dict, path: Path) -> None:
     ax = axes[2]
     labels, p50, p99 = [], [], []
     for mode in ("on", "off"):
-        for key in ("next_token_c1", "attention_c1", "trivial_c1", "next_token_c32"):
+        for key in ("next_token_c1", "attention_c1", "minimal_c1", "trivial_c1", "next_token_c32"):
             r = modes[mode][key]
             labels.append(f"{key.replace('_c', ' c')}\n{mode}")
             p50.append(r["p50_ms"])

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -307,12 +308,15 @@ def select_attention(
 
 
 def encode_array(t: torch.Tensor, encoding: str = "json", decimals: int = 4) -> dict:
-    """{"encoding", "shape", "dtype", "data"}: "json" gives float32 values as nested lists
-    rounded to `decimals`; "base64" gives little-endian float16 bytes, row-major."""
+    """{"encoding", "shape", "dtype", "data"}: "json" gives the values rounded to `decimals` as
+    a C-contiguous float64 numpy array, which the server writes as nested JSON lists
+    (`serving.app.JSON`, orjson: ~10x faster than nested Python lists through `json.dumps`);
+    "base64" gives little-endian float16 bytes, row-major."""
     shape = list(t.shape)
     if encoding == "json":
         values = torch.round(t.detach().to("cpu", torch.float64), decimals=decimals)
-        return {"encoding": "json", "shape": shape, "dtype": "float32", "data": values.tolist()}
+        data = np.ascontiguousarray(values.numpy())
+        return {"encoding": "json", "shape": shape, "dtype": "float32", "data": data}
     if encoding == "base64":
         raw = t.detach().to("cpu", torch.float16).contiguous().numpy().astype("<f2").tobytes()
         data = base64.b64encode(raw).decode("ascii")

@@ -106,8 +106,17 @@ def test_health_models_metrics(server):
     )
 
 
+def server_timing(response) -> dict[str, float]:
+    """{"engine": ms, "app": ms} from a Server-Timing header."""
+    parts = (p.strip().split(";dur=") for p in response.headers["server-timing"].split(","))
+    return {name: float(ms) for name, ms in parts}
+
+
 def test_next_token(server):
-    body = server.post("/v1/next-token", json={"text": "The cats near the dog", "top_k": 5}).json()
+    response = server.post("/v1/next-token", json={"text": "The cats near the dog", "top_k": 5})
+    timing = server_timing(response)  # the engine call lies inside the replica's time
+    assert set(timing) == {"engine", "app"} and 0 < timing["engine"] <= timing["app"]
+    body = response.json()
     assert body["model"] == "tiny" and len(body["top"]) == 5
     probs = [t["prob"] for t in body["top"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
@@ -116,7 +125,10 @@ def test_next_token(server):
 
 def test_attention_json_and_base64(server):
     text = "The cat that was sitting on the mat jumps."
-    js = server.post("/v1/attention", json={"text": text, "decimals": 6}).json()
+    response = server.post("/v1/attention", json={"text": text, "decimals": 6})
+    assert 0 < server_timing(response)["engine"] <= server_timing(response)["app"]
+    assert response.text.count("[[[[") == 1  # the map as nested lists (orjson, from numpy)
+    js = response.json()
     T = len(js["tokens"])
     att = np.array(js["attention"]["data"])
     assert js["attention"]["shape"] == [2, 2, T, T] == list(att.shape)

@@ -146,12 +146,14 @@ def test_rollout_endpoint_rows_sum_to_one(engine):
 def test_encode_array_json_and_base64():
     t = torch.tensor([[0.123456, 1.0], [0.5, -2.25]])
     as_json = encode_array(t, "json", 2)
-    assert as_json == {
-        "encoding": "json",
-        "shape": [2, 2],
-        "dtype": "float32",
-        "data": [[0.12, 1.0], [0.5, -2.25]],
-    }
+    data = as_json.pop("data")
+    assert as_json == {"encoding": "json", "shape": [2, 2], "dtype": "float32"}
+    # a contiguous array the server writes as nested lists of the rounded values
+    assert isinstance(data, np.ndarray) and data.flags.c_contiguous
+    assert data.tolist() == [[0.12, 1.0], [0.5, -2.25]]
+    from serving.app import dumps
+
+    assert dumps(data) == b"[[0.12,1.0],[0.5,-2.25]]"
     as_b64 = encode_array(t, "base64", 4)
     assert as_b64["dtype"] == "float16" and as_b64["shape"] == [2, 2]
     np.testing.assert_array_equal(decoded(as_b64), t.half().double().numpy())
