@@ -28,7 +28,9 @@ noisy; absolute numbers move between runs, ratios much less):
    takes ~1-2.6 ms longer (this machine's shared L3 loses the weights), which no deployment can
    avoid. A third deployment under /minimal shows that floor: it parses the JSON, calls the
    engine on the event loop and returns the result, nothing else (no validation, batching,
-   metrics or error handling).
+   metrics or error handling). Single c=1 runs of one deployment drift by +-1 ms between runs, so
+   item 5 takes medians over 5 rounds (3 with --quick) in which ours, the trivial and the minimal
+   deployment run in turns, 3 s each.
 
 The load generator is wrk (`apt-get install -y wrk`; POST bodies via bench/wrk_post.lua,
 `wrk -t1 -c{N} -d{secs}s --latency`): it costs little CPU on the 2 cores the server shares with
@@ -420,6 +422,9 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
             m["attention_c1"] = load("/v1/attention", {"text": NEXT_TEXT}, 1, secs, 50)
             m["trivial_c1"] = load("/trivial", {"text": NEXT_TEXT}, 1, secs, 100)
             m["minimal_c1"] = load("/minimal", next_body, 1, secs, 100)
+            if mode == "off":  # item 5: the three deployments in turns, medians over rounds
+                print("  [off] c=1 rounds: ours, trivial, minimal", flush=True)
+                m["c1_rounds"] = c1_rounds(load, next_body, 3 if args.quick else 5)
             results["modes"][mode] = m
     finally:
         try:
@@ -428,6 +433,25 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
     return results
+
+
+def c1_rounds(load, body: dict, rounds: int) -> dict:
+    """p50 and engine-time medians of ours / trivial / minimal at concurrency 1, measured in
+    turns (3 s each) so that the machine's drift hits all three alike."""
+    runs: dict[str, list[dict]] = {"ours": [], "trivial": [], "minimal": []}
+    paths = {"ours": "/v1/next-token", "trivial": "/trivial", "minimal": "/minimal"}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            runs[name].append(load(path, body, 1, 3, 100))
+    out = {}
+    for name, rs in runs.items():
+        engine = [r["engine_p50_ms"] for r in rs if r["engine_p50_ms"] is not None]
+        out[name] = {
+            "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+            "p50s_ms": [r["p50_ms"] for r in rs],
+            "engine_p50_ms": statistics.median(engine) if engine else None,
+        }
+    return out
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -466,7 +490,7 @@ def report(res: dict) -> list[str]:
     )
     for mode, m in http["modes"].items():
         for key, r in m.items():
-            if key == "user_config":
+            if key in ("user_config", "c1_rounds"):
                 continue
             endpoint, conc = key.rsplit("_c", 1)
             lines.append(
@@ -491,20 +515,23 @@ def report(res: dict) -> list[str]:
         "5. bare engine.next_token([text]) median in-process, back to back: "
         + ", ".join(f"{v:.2f} ms ({k.split('_')[1]} thread(s))" for k, v in bare.items())
     )
+    rounds = http["modes"]["off"]["c1_rounds"]
+    trivial = rounds["trivial"]["p50_ms"]
+    lines.append(
+        f"   batching off, medians of {len(rounds['trivial']['p50s_ms'])} rounds in turns; "
+        f"trivial deployment p50 {trivial:.2f} ms"
+    )
     lines.append(
         "   deployment   p50 ms  engine in replica ms  overhead (a) ms  overhead (b) ms"
         "  vs trivial (a)  (b)"
     )
-    for mode in ("off", "on"):
-        m = http["modes"][mode]
-        trivial = m["trivial_c1"]["p50_ms"]
-        lines.append(f"   [{mode}] trivial {trivial:.2f} ms")
-        for key, name in (("next_token_c1", "ours"), ("minimal_c1", "minimal")):
-            o = overheads(m[key], bare)
-            lines.append(
-                f"   {name:<12}{m[key]['p50_ms']:>7.2f}{o['engine_ms']:>22.2f}{o['a']:>17.2f}"
-                f"{o['b']:>17.2f}{o['a'] - trivial:>+16.2f}{o['b'] - trivial:>+6.2f}"
-            )
+    for name in ("ours", "minimal"):
+        r = rounds[name]
+        o = overheads(r, bare)
+        lines.append(
+            f"   {name:<12}{r['p50_ms']:>7.2f}{o['engine_ms']:>22.2f}{o['a']:>17.2f}"
+            f"{o['b']:>17.2f}{o['a'] - trivial:>+16.2f}{o['b'] - trivial:>+6.2f}"
+        )
     lines.append(
         "   (a): p50 - the back-to-back call (the issue's definition); (b): p50 - the engine call"
         " of the same requests inside the replica"
@@ -525,9 +552,10 @@ def targets(res: dict) -> list[tuple[str, bool]]:
     eng, kv, http = res["engine"], res["kv"], res["http"]
     on, off = http["modes"]["on"], http["modes"]["off"]
     batch_ratio = on["next_token_c32"]["rps"] / off["next_token_c32"]["rps"]
-    ours = overheads(off["next_token_c1"], res["bare_call"])
-    floor = overheads(off["minimal_c1"], res["bare_call"])
-    trivial = off["trivial_c1"]["p50_ms"]
+    rounds = off["c1_rounds"]
+    ours = overheads(rounds["ours"], res["bare_call"])
+    floor = overheads(rounds["minimal"], res["bare_call"])
+    trivial = rounds["trivial"]["p50_ms"]
     return [
         (f"engine next_token batched >= 3x singles ({eng['next_token']['ratio']:.2f}x)",
          eng["next_token"]["ratio"] >= 3),
@@ -632,6 +660,9 @@ def main() -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:  # before the report, so that a report bug loses no measurement
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
     print()
     print("\n".join(report(res)))
     print()
