@@ -116,11 +116,49 @@ def test_next_token(server):
     response = server.post("/v1/next-token", json={"text": "The cats near the dog", "top_k": 5})
     timing = server_timing(response)  # the engine call lies inside the replica's time
     assert set(timing) == {"engine", "app"} and 0 < timing["engine"] <= timing["app"]
+    # a lone request does not wait for a batch (the fixture's batch_wait_timeout_s is 5 ms)
+    waits = []
+    for _ in range(5):
+        t = server_timing(server.post("/v1/next-token", json={"text": "The dog"}))
+        waits.append(t["app"] - t["engine"])
+    assert min(waits) < 4, waits
     body = response.json()
     assert body["model"] == "tiny" and len(body["top"]) == 5
     probs = [t["prob"] for t in body["top"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
     assert "".join(body["tokens"]) == "The cats near the dog"
+
+
+def test_concurrent_requests_batch_and_equal_lone_ones(server):
+    """A lone request runs its forward at once; concurrent ones share batched forwards (the same
+    Server-Timing engine time) and get the same answers."""
+    texts = ["The cats near the dog", "The dog", "The cat that was sitting on the mat", "A bird"]
+    lone = [server.post("/v1/next-token", json={"text": t, "top_k": 3}).json() for t in texts]
+    lone_att = [server.post("/v1/attention", json={"text": t}).json() for t in texts]
+
+    async def burst(path: str, body) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(server.base_url), timeout=60) as client:
+            return await asyncio.gather(*[client.post(path, json=body(t)) for t in texts])
+
+    for _ in range(3):  # batching needs requests to meet in the replica: a few tries
+        together = asyncio.run(burst("/v1/next-token", lambda t: {"text": t, "top_k": 3}))
+        engine_times = [server_timing(r)["engine"] for r in together]
+        if len(set(engine_times)) < len(texts):
+            break
+    assert len(set(engine_times)) < len(texts), engine_times  # some shared one forward
+    for got, want in zip(together, lone, strict=True):
+        assert got.status_code == 200
+        got = got.json()
+        assert got["token_ids"] == want["token_ids"]
+        assert [t["token_id"] for t in got["top"]] == [t["token_id"] for t in want["top"]]
+        np.testing.assert_allclose(
+            [t["prob"] for t in got["top"]], [t["prob"] for t in want["top"]], atol=1e-5
+        )
+    together = asyncio.run(burst("/v1/attention", lambda t: {"text": t}))
+    for got, want in zip(together, lone_att, strict=True):
+        np.testing.assert_allclose(
+            got.json()["attention"]["data"], want["attention"]["data"], atol=2e-4
+        )
 
 
 def test_attention_json_and_base64(server):
