@@ -396,7 +396,6 @@ class AttnLMServer:
     async def next_token(self, request: NextTokenRequest) -> Response:
         async def work():
             self._check_model(request.model)
-            self.engine.encode(request.text)  # validate alone: a bad text must not fail its batch
             if request.top_k > self.engine.tokenizer.vocab_size:
                 raise EngineError(
                     f"top_k must be at most {self.engine.tokenizer.vocab_size}", param="top_k"
@@ -405,6 +404,7 @@ class AttnLMServer:
                 (nt,), secs = _timed(self.engine.next_token, [request.text], request.top_k)
                 k = request.top_k
             else:
+                self.engine.encode(request.text)  # validate alone: a bad text must not fail a batch
                 result = await self._next_token_batch((request.text, request.top_k))
                 if isinstance(result, EngineError):
                     raise result
@@ -424,13 +424,11 @@ class AttnLMServer:
         async def work():
             self._check_model(request.model)
             options = _attention_options(request)
-            self.engine.encode(
-                request.text
-            )  # validate alone: a bad request must not fail its batch
             self.engine.check_attention_options(options)
             if self._alone():
                 (att_map,), secs = _timed(self.engine.attention, [request.text], options)
             else:
+                self.engine.encode(request.text)  # validate alone: a bad text must not fail a batch
                 result = await self._attention_batch((request.text, options))
                 if isinstance(result, EngineError):
                     raise result

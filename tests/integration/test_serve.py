@@ -159,6 +159,14 @@ def test_concurrent_requests_batch_and_equal_lone_ones(server):
         np.testing.assert_allclose(
             got.json()["attention"]["data"], want["attention"]["data"], atol=2e-4
         )
+    # a text over the context among concurrent ones fails alone, whichever path it takes
+    too_long = "The cat " * 100
+    for path in ("/v1/next-token", "/v1/attention"):
+        texts.append(too_long)
+        together = asyncio.run(burst(path, lambda t: {"text": t}))
+        texts.pop()
+        assert [r.status_code for r in together] == [200] * len(texts) + [400]
+        assert together[-1].json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_attention_json_and_base64(server):
