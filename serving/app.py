@@ -67,7 +67,7 @@ class Timed(NamedTuple):
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
-    """fn(*args) and the seconds it took, measured where it runs (the engine's thread)."""
+    """fn(*args) and the seconds it took, measured where it runs (event loop or thread)."""
     start = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - start
@@ -330,6 +330,19 @@ class AttnLMServer:
         idle = time.monotonic() - ActiveRequests.last_exit >= IDLE_S
         return ActiveRequests.count <= 1 and idle
 
+    async def _forward(self, engine_fn, batched, text: str, arg) -> tuple[Any, float]:
+        """One text's engine result and the engine seconds: at once when the request is alone,
+        else through the `@serve.batch` method `batched`, validated first so that a bad text
+        fails alone instead of failing its batch."""
+        if self._alone():
+            (result,), secs = _timed(engine_fn, [text], arg)
+            return result, secs
+        self.engine.encode(text)
+        result = await batched((text, arg))
+        if isinstance(result, EngineError):
+            raise result
+        return result
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _next_token_batch(self, items: list[tuple[str, int]]) -> list[Any]:
         top_k = max(k for _, k in items)  # one forward; each request keeps its own k
@@ -338,7 +351,7 @@ class AttnLMServer:
             results, secs = await asyncio.to_thread(_timed, self.engine.next_token, texts, top_k)
         except EngineError as err:
             return [err] * len(items)
-        return [(r, k, secs) for r, (_, k) in zip(results, items, strict=True)]
+        return [(r, secs) for r in results]  # each request cuts `top` to its own k
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _attention_batch(self, items: list[tuple[str, AttentionOptions]]) -> list[Any]:
@@ -400,20 +413,14 @@ class AttnLMServer:
                 raise EngineError(
                     f"top_k must be at most {self.engine.tokenizer.vocab_size}", param="top_k"
                 )
-            if self._alone():
-                (nt,), secs = _timed(self.engine.next_token, [request.text], request.top_k)
-                k = request.top_k
-            else:
-                self.engine.encode(request.text)  # validate alone: a bad text must not fail a batch
-                result = await self._next_token_batch((request.text, request.top_k))
-                if isinstance(result, EngineError):
-                    raise result
-                nt, k, secs = result
+            nt, secs = await self._forward(
+                self.engine.next_token, self._next_token_batch, request.text, request.top_k
+            )
             content = {
                 "model": self.engine.model_name,
                 "tokens": nt.tokens,
                 "token_ids": nt.token_ids,
-                "top": nt.top[:k],
+                "top": nt.top[: request.top_k],
             }
             return Timed(content, secs)
 
@@ -425,14 +432,9 @@ class AttnLMServer:
             self._check_model(request.model)
             options = _attention_options(request)
             self.engine.check_attention_options(options)
-            if self._alone():
-                (att_map,), secs = _timed(self.engine.attention, [request.text], options)
-            else:
-                self.engine.encode(request.text)  # validate alone: a bad text must not fail a batch
-                result = await self._attention_batch((request.text, options))
-                if isinstance(result, EngineError):
-                    raise result
-                att_map, secs = result
+            att_map, secs = await self._forward(
+                self.engine.attention, self._attention_batch, request.text, options
+            )
             return Timed({"model": self.engine.model_name, **_attention_dict(att_map)}, secs)
 
         return await self._admit("attention", work)
