@@ -31,7 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from attnlm.config import ConfigError, GPTConfig
-from attnlm.model import GPT, LSTMLM, build_model
+from attnlm.lstm import LSTMLM
+from attnlm.model import GPT
+from attnlm.networks import build_model
 from attnlm.tokenizer import EOT_TOKEN, Tokenizer, TokenizerError
 
 WEIGHTS_FILE = "model.safetensors"

@@ -80,7 +80,8 @@ import lightning as L  # noqa: E402
 from lightning.fabric.utilities.throughput import get_available_flops  # noqa: E402
 
 from attnlm.config import GPTConfig  # noqa: E402
-from attnlm.model import GPT, flops_per_token  # noqa: E402
+from attnlm.model import GPT  # noqa: E402
+from attnlm.networks import flops_per_token  # noqa: E402
 from training.callbacks import measure_matmul_peak, precision_dtype  # noqa: E402
 from training.module import LanguageModel, lr_factor  # noqa: E402
 

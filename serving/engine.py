@@ -46,7 +46,8 @@ from attnlm.generate import (
     sample,
 )
 from attnlm.generate import stream as generate_stream
-from attnlm.model import GPT, LSTMLM, GPTOutput
+from attnlm.lstm import LSTMLM
+from attnlm.model import GPT, GPTOutput
 from attnlm.probe import ProbeError, analyze, score_items
 
 AGGREGATIONS = ("none", "mean", "rollout")
@@ -518,7 +519,7 @@ class _DecodeBatcher:
         with self.lock:
             self.model.load_kv_cache_state(self._caches)
             try:
-                logits = self.model(idx, input_pos=pos).logits[:, 0, : self.vocab_size].float()
+                logits = self.model(idx, row_positions=pos).logits[:, 0, : self.vocab_size].float()
             finally:
                 self.model.clear_kv_cache()
         for run, _ in feeding:

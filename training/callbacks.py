@@ -18,7 +18,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from attnlm.model import flops_per_token
+from attnlm.networks import flops_per_token
 
 
 def measure_matmul_peak(

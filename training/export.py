@@ -19,7 +19,9 @@ import torch
 
 from attnlm.artifact import ArtifactError, save_artifact
 from attnlm.config import GPTConfig
-from attnlm.model import GPT, LSTMLM, build_model
+from attnlm.lstm import LSTMLM
+from attnlm.model import GPT
+from attnlm.networks import build_model
 from attnlm.tokenizer import Tokenizer
 
 DATAMODULE_STATE_KEY = (

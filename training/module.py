@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from attnlm.config import GPTConfig
-from attnlm.model import build_model
+from attnlm.networks import build_model
 
 
 class NonFiniteLossError(RuntimeError):

@@ -89,7 +89,7 @@ def build_tiny_artifact(out: Path, seed: int = 0, **config: object) -> Path:
     from attnlm.artifact import save_artifact
     from attnlm.config import GPTConfig
     from attnlm.corpus import generate_corpus
-    from attnlm.model import build_model
+    from attnlm.networks import build_model
     from attnlm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(generate_corpus(2000, seed=seed), vocab_size=300)

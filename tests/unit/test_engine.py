@@ -425,7 +425,7 @@ def test_concurrent_completions_decode_together_and_match_alone(engine, monkeypa
     forward = engine.model.forward
 
     def counting_forward(idx, *args, **kwargs):
-        if isinstance(kwargs.get("input_pos"), torch.Tensor):
+        if isinstance(kwargs.get("row_positions"), torch.Tensor):
             widths.append(idx.size(0))
         return forward(idx, *args, **kwargs)
 

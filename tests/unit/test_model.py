@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from attnlm.config import ConfigError, GPTConfig
-from attnlm.model import GPT, causal_mask, flops_per_token
+from attnlm.model import GPT, causal_mask
+from attnlm.networks import flops_per_token
 
 CFG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32)
 

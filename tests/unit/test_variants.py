@@ -11,7 +11,9 @@ from attnlm.artifact import load_artifact, save_artifact
 from attnlm.config import ConfigError, GPTConfig
 from attnlm.corpus import generate_corpus
 from attnlm.generate import SamplingParams, generate
-from attnlm.model import GPT, LSTMLM, build_model, flops_per_token
+from attnlm.lstm import LSTMLM
+from attnlm.model import GPT
+from attnlm.networks import build_model, flops_per_token
 from attnlm.tokenizer import Tokenizer
 
 SHAPE = dict(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
