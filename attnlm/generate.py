@@ -8,6 +8,11 @@ Temperature 0 is greedy. A seed makes sampling reproducible (a private torch.Gen
 the global RNG). With `return_attention=True` every step also carries the attention row of the
 token just fed over all earlier positions, and `generate` assembles the full map of prompt and
 completion from the prefill map plus those rows, without recomputing the prefix.
+
+What one decode step decides, whatever runs the forwards, is `SamplingState.choose`: sample each
+row, mark the rows that hit a stop token, end at the budget (`token_budget`). `stream` drives it
+for one batch of equal-length prompts; `attnlm.batching.DecodeBatch` for many requests at once,
+each at its own positions in a shared KV cache.
 """
 
 from __future__ import annotations
@@ -107,6 +112,45 @@ def generator_for(params: SamplingParams, device: torch.device) -> torch.Generat
     return generator
 
 
+def token_budget(
+    params: SamplingParams, prompt_length: int, block_size: int, feed_last: bool = False
+) -> int:
+    """New tokens a prompt of `prompt_length` may get: params.max_new_tokens, or fewer when the
+    context ends first. Every new token but the last is fed back; with `feed_last` (to get its
+    attention row) the last one too, so the context holds one token fewer."""
+    room = block_size - prompt_length if feed_last else block_size - prompt_length + 1
+    return max(min(params.max_new_tokens, room), 0)
+
+
+class SamplingState:
+    """The sampling side of decoding one request's rows: their parameters, private generator,
+    stop ids, budget, which rows have finished and how many steps were taken. `choose` is the
+    one decode step of `stream` and of `attnlm.batching.DecodeBatch`."""
+
+    def __init__(
+        self, params: SamplingParams, rows: int, budget: int, device: torch.device
+    ) -> None:
+        self.params = params
+        self.budget = budget  # tokens to sample at most
+        self.generator = generator_for(params, device)
+        self.stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
+        self.finished = torch.zeros(rows, dtype=torch.bool, device=device)  # (rows,)
+        self.steps = 0  # tokens sampled so far
+
+    def choose(self, logits: torch.Tensor) -> tuple[GenerationStep, bool]:
+        """Sample the next token of every row from logits (rows, V) float32.
+
+        Returns:
+            the GenerationStep (no attention attached), and whether it is the last: every row
+            has finished or the budget is spent (then the chosen tokens need not be fed back).
+        """
+        tokens = sample(logits, self.params, self.generator)  # (rows,)
+        self.finished = self.finished | torch.isin(tokens, self.stop_ids)
+        self.steps += 1
+        last = bool(self.finished.all()) or self.steps == self.budget
+        return GenerationStep(tokens, logits, self.finished.clone(), None), last
+
+
 @torch.inference_mode()
 def stream(
     model: GPT,
@@ -118,6 +162,7 @@ def stream(
     """Yield one GenerationStep per new token until every row stops or the budget/context ends.
 
     Args:
+        model: a GPT, an LSTMLM, or anything with their call and KV-cache methods.
         prompt: (B, T) token ids, T >= 1, all rows the same length.
         return_attention: attach to each step the attention row of its token over all positions
             up to and including it (the token is fed once more for that, also the last one, so
@@ -131,33 +176,28 @@ def stream(
     block_size = model.config.block_size
     if T > block_size:
         raise ValueError(f"prompt has {T} tokens; the context window is {block_size}")
-    # Every new token but the last is fed back; with attention the last is fed too.
-    room = block_size - T if return_attention else block_size - T + 1
-    budget = min(params.max_new_tokens, room)
-    if budget <= 0:
+    budget = token_budget(params, T, block_size, feed_last=return_attention)
+    if budget == 0:
         return
-    device = prompt.device
-    generator = generator_for(params, device)
-    stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
+    state = SamplingState(params, B, budget, prompt.device)
     model.set_kv_cache(B, max_seq_length=min(block_size, T + budget))
     try:
         out = model(prompt, input_pos=0, return_attention=return_attention)
         if return_attention and prefill_attention is not None:
             prefill_attention.append(out.attention)
         logits = out.logits[:, -1].float()  # (B, V)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for i in range(budget):
-            tokens = sample(logits, params, generator)  # (B,)
-            finished = finished | torch.isin(tokens, stop_ids)
-            last = bool(finished.all()) or i == budget - 1
-            attention_row = None
-            if not last or return_attention:
-                out = model(tokens[:, None], input_pos=T + i, return_attention=return_attention)
-                attention_row = out.attention  # (L, B, nh, 1, T + i + 1) or None
-            yield GenerationStep(tokens, logits, finished.clone(), attention_row)
+        while True:
+            step, last = state.choose(logits)
+            if not last or return_attention:  # feed the token at position T + steps - 1
+                position = T + state.steps - 1
+                out = model(
+                    step.tokens[:, None], input_pos=position, return_attention=return_attention
+                )
+                step.attention = out.attention  # (L, B, nh, 1, position + 1) or None
+            yield step
             if last:
                 return
-            logits = out.logits[:, -1].float()
+            logits = out.logits[:, -1].float()  # (B, V)
     finally:
         model.clear_kv_cache()
 

@@ -38,13 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from attnlm.artifact import load_artifact
-from attnlm.generate import (
-    GenerationStep,
-    SamplingParams,
-    assemble_attention,
-    generator_for,
-    sample,
-)
+from attnlm.batching import DecodeBatch, DecodeRequest
+from attnlm.generate import GenerationStep, SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
 from attnlm.lstm import LSTMLM
 from attnlm.model import GPT, GPTOutput
@@ -340,10 +335,10 @@ class ProbeResult:
 
 # -- decoding internals -------------------------------------------------------------------------------
 class _DecodeModel:
-    """What `attnlm.generate.stream` drives: the engine's model with logits cut to the
-    tokenizer's ids and a KV cache of this generation's own. The cache is put into the shared
-    model only for the length of one forward, under the engine's lock, so generations interleaved
-    by threads or by async streams never overwrite each other's."""
+    """The engine's model as if it were a decoder's own, for `attnlm.generate.stream` and
+    `attnlm.batching.DecodeBatch`: logits cut to the tokenizer's ids, and KV caches of its own.
+    A cache is put into the shared model only for the length of one forward, under the engine's
+    lock, so decoders interleaved by threads or by async streams never overwrite each other's."""
 
     def __init__(self, model: GPT | LSTMLM, vocab_size: int, lock: threading.Lock) -> None:
         self.model = model
@@ -361,71 +356,68 @@ class _DecodeModel:
     def clear_kv_cache(self) -> None:
         self._caches = None
 
+    def kv_cache_state(self) -> object | None:
+        return self._caches
+
+    def load_kv_cache_state(self, state: object | None) -> None:
+        self._caches = state
+
     def __call__(
-        self, idx: torch.Tensor, *, input_pos: int | None = None, return_attention: bool = False
+        self,
+        idx: torch.Tensor,
+        *,
+        input_pos: int | None = None,
+        row_positions: torch.Tensor | None = None,
+        return_attention: bool = False,
     ) -> GPTOutput:
         with self._lock:
-            if input_pos is not None and self._caches is not None:
+            if self._caches is not None:
                 self.model.load_kv_cache_state(self._caches)
             try:
-                out = self.model(idx, input_pos=input_pos, return_attention=return_attention)
+                out = self.model(
+                    idx,
+                    input_pos=input_pos,
+                    row_positions=row_positions,
+                    return_attention=return_attention,
+                )
             finally:
                 self.model.clear_kv_cache()
         return out._replace(logits=out.logits[..., : self.vocab_size])  # (B, T, V_tokenizer)
 
 
 class _BatchRun:
-    """One completion (n rows) decoded by `_DecodeBatcher`."""
+    """One completion (n rows) handed to `_DecodeBatcher`: waiting for slots, then decoding."""
 
-    def __init__(self, prompt: torch.Tensor, params: SamplingParams, budget: int) -> None:
+    def __init__(self, prompt: torch.Tensor, params: SamplingParams) -> None:
         self.prompt = prompt  # (n, T)
-        self.n, self.T = prompt.shape
         self.params = params
-        self.budget = budget  # sampled tokens at most
-        self.generator = generator_for(params, prompt.device)
-        self.stop_ids = torch.tensor(list(params.stop_token_ids), device=prompt.device)
         self.out: queue.Queue = queue.Queue()  # GenerationStep, then None (or an exception)
         self.cancelled = False
-        self.slots: list[int] = []
-        self.logits: torch.Tensor | None = None  # (n, V) what the next token is sampled from
-        self.finished = torch.zeros(self.n, dtype=torch.bool, device=prompt.device)
-        self.step = 0
 
 
 class _DecodeBatcher:
-    """Decodes concurrent completions together: one forward per step for every active request.
+    """Schedules concurrent completions onto one `attnlm.batching.DecodeBatch`, which decodes
+    them together: each request is prefilled alone into its slots of one shared KV cache, then
+    every decode step is one forward over the active rows of all requests, each row at its own
+    position, each request sampling with its own parameters and seed (the same
+    `GenerationStep`s as `attnlm.generate.stream` alone). A request waits for free slots when
+    all are taken, first come first served. The work runs on one background thread; a closed
+    stream leaves the batch before the next step."""
 
-    Each request's rows take slots of one shared KV cache (`slots` rows x the context). A request
-    is prefilled alone (one forward of its prompt, copied into its slots), then every step feeds
-    the last sampled token of every active row at that row's own position (`GPT.forward` with a
-    per-row `input_pos`), so requests that arrived at different times and have different lengths
-    share each decode step. Each request samples with its own parameters and seed and sees the
-    same `GenerationStep`s as `attnlm.generate.stream` would give it alone. A request waits for
-    free slots when all are taken. The work runs on one background thread.
-    """
-
-    def __init__(self, model: GPT, vocab_size: int, lock: threading.Lock, slots: int) -> None:
-        self.model = model
-        self.vocab_size = vocab_size
-        self.lock = lock
+    def __init__(self, model: _DecodeModel, slots: int) -> None:
         self.n_slots = slots
-        self._caches = None  # the model's per-layer KVCache of n_slots rows, built on first use
-        self._free = list(range(slots))
+        self._batch = DecodeBatch(model, slots)  # touched by the decode thread only
+        self._runs: dict[DecodeRequest, _BatchRun] = {}  # decoding now
         self._pending: deque[_BatchRun] = deque()
-        self._active: list[_BatchRun] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def stream(self, prompt: torch.Tensor, params: SamplingParams) -> Iterator[GenerationStep]:
         """`attnlm.generate.stream(model, prompt, params)` (no attention), decoded together with
         the other requests in flight. Closing the iterator early frees the request's slots."""
-        n, T = prompt.shape
-        if n > self.n_slots:
-            raise ValueError(f"{n} rows; the batcher has {self.n_slots} slots")
-        budget = min(params.max_new_tokens, self.model.config.block_size - T + 1)
-        if budget <= 0:
-            return
-        run = _BatchRun(prompt, params, budget)
+        if prompt.size(0) > self.n_slots:
+            raise ValueError(f"{prompt.size(0)} rows; the batcher has {self.n_slots} slots")
+        run = _BatchRun(prompt, params)
         with self._wake:
             self._pending.append(run)
             if self._thread is None:
@@ -442,89 +434,46 @@ class _DecodeBatcher:
         finally:
             run.cancelled = True
 
-    # -- the decode thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._pending and not self._active:
+                while not self._pending and not self._runs:
                     self._wake.wait()
-                admitted = []
-                while self._pending and len(self._free) >= self._pending[0].n:  # first come first
+                admitted, free = [], self._batch.free_slots
+                while self._pending and free >= self._pending[0].prompt.size(0):
                     run = self._pending.popleft()
-                    if run.cancelled:
-                        continue
-                    self._free.sort()  # lowest slots first: the decoded rows stay few
-                    run.slots, self._free = self._free[: run.n], self._free[run.n :]
-                    admitted.append(run)
+                    if not run.cancelled:
+                        admitted.append(run)
+                        free -= run.prompt.size(0)
+            for run in admitted:
+                try:
+                    request = self._batch.add(run.prompt, run.params)
+                except BaseException as err:  # fail this request, keep serving
+                    run.out.put(err)
+                    continue
+                if request is None:  # nothing to decode
+                    run.out.put(None)
+                else:
+                    self._runs[request] = run
             try:
-                for run in admitted:
-                    self._active.append(run)
-                    self._prefill(run)
                 self._step()
             except BaseException as err:  # fail the requests in flight, keep serving
-                for run in list(self._active):
+                for request, run in self._runs.items():
                     run.out.put(err)
-                    self._release(run)
+                    self._batch.remove(request)
+                self._runs.clear()
 
-    def _release(self, run: _BatchRun) -> None:
-        with self._wake:
-            self._active.remove(run)
-            self._free += run.slots
-            run.slots = []
-
-    @torch.inference_mode()
-    def _prefill(self, run: _BatchRun) -> None:
-        with self.lock:
-            if self._caches is None:
-                self.model.set_kv_cache(self.n_slots)
-                self._caches = self.model.kv_cache_state()
-            self.model.set_kv_cache(run.n, run.T)
-            try:
-                out = self.model(run.prompt, input_pos=0)
-                slots = torch.tensor(run.slots, device=run.prompt.device)
-                for shared, own in zip(self._caches, self.model.kv_cache_state(), strict=True):
-                    shared.k[slots, :, : run.T] = own.k
-                    shared.v[slots, :, : run.T] = own.v
-            finally:
-                self.model.clear_kv_cache()
-        run.logits = out.logits[:, -1, : self.vocab_size].float()
-
-    @torch.inference_mode()
     def _step(self) -> None:
-        """Sample one token for every active row; feed the rows that go on, in one forward."""
-        feeding = []
-        for run in list(self._active):
+        for request, run in list(self._runs.items()):
             if run.cancelled:
-                self._release(run)
-                continue
-            tokens = sample(run.logits, run.params, run.generator)  # (n,)
-            run.finished = run.finished | torch.isin(tokens, run.stop_ids)
-            last = bool(run.finished.all()) or run.step == run.budget - 1
-            run.out.put(GenerationStep(tokens, run.logits, run.finished.clone(), None))
-            if last:
+                self._batch.remove(request)
+                del self._runs[request]
+        for request, step in self._batch.step():
+            run = self._runs[request]
+            run.out.put(step)
+            if request.done:
                 run.out.put(None)
-                self._release(run)
-            else:
-                feeding.append((run, tokens))
-        if not feeding:
-            return
-        device = feeding[0][1].device
-        width = max(max(run.slots) for run, _ in feeding) + 1
-        idx = torch.zeros(width, 1, dtype=torch.long, device=device)  # idle slots: token 0 at
-        pos = torch.zeros(width, dtype=torch.long, device=device)  # position 0, overwritten later
-        for run, tokens in feeding:
-            slots = torch.tensor(run.slots, device=device)
-            idx[slots, 0] = tokens
-            pos[slots] = run.T + run.step
-        with self.lock:
-            self.model.load_kv_cache_state(self._caches)
-            try:
-                logits = self.model(idx, row_positions=pos).logits[:, 0, : self.vocab_size].float()
-            finally:
-                self.model.clear_kv_cache()
-        for run, _ in feeding:
-            run.logits = logits[torch.tensor(run.slots, device=device)]
-            run.step += 1
+                del self._runs[request]
 
 
 def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
@@ -684,7 +633,9 @@ class Engine:
         self._lock = threading.Lock()  # held by KV-cache forwards (see _DecodeModel)
         # completions without attention maps decode together across requests; an LSTM cannot
         self._batcher = (
-            _DecodeBatcher(self.model, self.tokenizer.vocab_size, self._lock, slots=DECODE_SLOTS)
+            _DecodeBatcher(
+                _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock), DECODE_SLOTS
+            )
             if self.model.has_attention
             else None
         )

@@ -1,0 +1,165 @@
+"""Continuous batched decoding: many requests share the rows (slots) of one KV cache and every
+decode step is one forward over all of them, each row at its own position.
+
+    batch = DecodeBatch(model, slots=32)
+    a = batch.add(prompt_a, SamplingParams(max_new_tokens=16, temperature=0))   # (n, T) ids
+    b = batch.add(prompt_b, SamplingParams(max_new_tokens=8, seed=3))           # any T, any time
+    while batch.requests:
+        for request, step in batch.step():     # one GenerationStep per request still decoding
+            ...                                # request.done: that was its last step
+
+A request is prefilled alone (one forward of its prompt into a cache of its own, then copied
+into its slots of the shared cache: `KVCache.copy_rows`); then each `step` samples every active
+row with its request's own parameters, generator, stop ids and budget (`SamplingState.choose`,
+the step `attnlm.generate.stream` takes too) and feeds the rows that go on in one forward with
+per-row positions (`GPT.forward(row_positions=...)`). Each request sees the same
+GenerationSteps as `stream` would give it alone. Requests may join between any two steps and
+leave when they finish or are removed; their slots are freed at once.
+
+Synchronous and framework-free: one caller drives it (serving's engine schedules requests onto
+it from one thread; its model wrapper holds the engine's lock around each forward and cuts the
+logits to the tokenizer's ids). Requests wanting attention rows, and models without attention
+(the LSTM: no per-row positions), decode through `stream` instead.
+
+The step keeps fixed shapes where it is cheap: token and position buffers of `slots` rows,
+written in place per request; the forward covers rows 0 .. the highest active slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnlm.generate import GenerationStep, SamplingParams, SamplingState, token_budget
+from attnlm.model import GPT, GPTOutput, KVCache
+
+
+class DecodeRequest:
+    """One request's rows in a DecodeBatch: its slots, sampling state and next logits."""
+
+    def __init__(
+        self, slots: list[int], sampling: SamplingState, prompt_length: int, device: torch.device
+    ) -> None:
+        self.slots = slots  # rows of the shared cache, ascending
+        self.slot_index = torch.tensor(slots, device=device)  # (n,)
+        self.sampling = sampling
+        self.position = prompt_length  # where the next fed token goes
+        self.logits: torch.Tensor | None = None  # (n, V) float32: what the next token comes from
+        self.done = False  # finished or removed: it holds no slots any more
+
+
+class DecodeBatch:
+    """Requests decoded together on `slots` rows of one shared KV cache (see the module doc).
+
+    Args:
+        model: a GPT with attention, or a wrapper with its call and KV-cache methods.
+        slots: rows of the shared cache; a request of n rows needs n free slots.
+    """
+
+    def __init__(self, model: GPT, slots: int) -> None:
+        if not model.config.has_attention:
+            raise ValueError("batched decoding needs per-row positions: a model with attention")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.model = model
+        self.n_slots = slots
+        self.requests: list[DecodeRequest] = []  # decoding now, in the order they joined
+        self._free = list(range(slots))
+        self._cache: list[KVCache] | None = None  # per layer, n_slots rows, built on first use
+        self._tokens: torch.Tensor | None = None  # (n_slots,) last token of each slot
+        self._positions: torch.Tensor | None = None  # (n_slots,) where it is fed; idle: 0
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @torch.inference_mode()
+    def add(self, prompt: torch.Tensor, params: SamplingParams) -> DecodeRequest | None:
+        """Prefill `prompt` (n, T) into n free slots; its first step comes with the next `step`.
+
+        Returns:
+            the request, or None when its budget is 0 (nothing to decode; no slots taken).
+        Raises:
+            ValueError for a bad prompt or fewer than n free slots.
+        """
+        if prompt.dim() != 2 or prompt.size(1) == 0:
+            raise ValueError(f"prompt must be (n, T) with T >= 1, got shape {tuple(prompt.shape)}")
+        n, T = prompt.shape
+        block_size = self.model.config.block_size
+        if T > block_size:
+            raise ValueError(f"prompt has {T} tokens; the context window is {block_size}")
+        budget = token_budget(params, T, block_size)
+        if budget == 0:
+            return None
+        if n > len(self._free):
+            raise ValueError(f"{n} rows; the batch has {len(self._free)} free slots")
+        if self._cache is None:
+            self._cache = self._new_cache(self.n_slots, None)
+            self._tokens = torch.zeros(self.n_slots, dtype=torch.long, device=prompt.device)
+            self._positions = torch.zeros(self.n_slots, dtype=torch.long, device=prompt.device)
+        own = self._new_cache(n, T)
+        out = self._forward(own, prompt, input_pos=0)
+        self._free.sort()  # lowest slots first: the decoded rows stay few
+        sampling = SamplingState(params, n, budget, prompt.device)
+        request = DecodeRequest(self._free[:n], sampling, T, prompt.device)
+        for shared, prefilled in zip(self._cache, own, strict=True):
+            shared.copy_rows(request.slot_index, prefilled)
+        del self._free[:n]
+        request.logits = out.logits[:, -1].float()  # (n, V)
+        self.requests.append(request)
+        return request
+
+    @torch.inference_mode()
+    def remove(self, request: DecodeRequest) -> None:
+        """Take `request` out of the batch (cancelled, or failed) and free its slots."""
+        if request.done:
+            return
+        request.done = True
+        self.requests.remove(request)
+        self._tokens[request.slot_index] = 0  # idle slots feed token 0 at position 0, which the
+        self._positions[request.slot_index] = 0  # next prefill into them overwrites
+        self._free += request.slots
+        request.slots = []
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[DecodeRequest, GenerationStep]]:
+        """Sample one token for every row of every request; feed the rows that go on in one
+        forward. A request whose step was its last (`request.done`) has left the batch.
+
+        Returns:
+            (request, its GenerationStep) for every request that was in the batch.
+        """
+        results, feeding = [], []
+        for request in list(self.requests):
+            step, last = request.sampling.choose(request.logits)
+            results.append((request, step))
+            if last:
+                self.remove(request)
+            else:
+                feeding.append(request)
+                self._tokens[request.slot_index] = step.tokens
+                self._positions[request.slot_index] = request.position
+        if feeding:
+            width = max(request.slots[-1] for request in feeding) + 1
+            idx = self._tokens[:width, None]  # (width, 1)
+            out = self._forward(self._cache, idx, row_positions=self._positions[:width])
+            logits = out.logits[:, 0].float()  # (width, V)
+            for request in feeding:
+                request.logits = logits[request.slot_index]  # (n, V)
+                request.position += 1
+        return results
+
+    def _new_cache(self, rows: int, length: int | None) -> list[KVCache]:
+        """A KV cache of the model's (per layer), not left installed in it."""
+        self.model.set_kv_cache(rows, length)
+        try:
+            return self.model.kv_cache_state()
+        finally:
+            self.model.clear_kv_cache()
+
+    def _forward(self, cache: list[KVCache], idx: torch.Tensor, **kwargs) -> GPTOutput:
+        """One forward of the model on `cache` (installed for this call only)."""
+        self.model.load_kv_cache_state(cache)
+        try:
+            return self.model(idx, **kwargs)
+        finally:
+            self.model.clear_kv_cache()
