@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from attnlm.config import GPTConfig
-from attnlm.generate import SamplingError, SamplingParams, filter_logits, generate, stream
+from attnlm.generate import (
+    SamplingError,
+    SamplingParams,
+    SamplingState,
+    filter_logits,
+    generate,
+    stream,
+    token_budget,
+)
 from attnlm.model import GPT
 
 CFG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -78,6 +86,27 @@ def test_stream_yields_raw_logits_and_finished_flags(model):
     assert all(int(s.tokens[0]) == int(s.logits[0].argmax()) for s in steps)
     assert not any(bool(s.finished[0]) for s in steps)
     assert all(b.attn.kv_cache is None for b in model.transformer.h)  # cache released
+
+
+def test_token_budget_is_max_new_tokens_or_the_room_left():
+    params = SamplingParams(max_new_tokens=10)
+    assert token_budget(params, prompt_length=5, block_size=32) == 10
+    assert token_budget(params, prompt_length=30, block_size=32) == 3  # the last is not fed
+    assert token_budget(params, prompt_length=30, block_size=32, feed_last=True) == 2
+    assert token_budget(params, prompt_length=32, block_size=32, feed_last=True) == 0
+    assert token_budget(SamplingParams(max_new_tokens=0), 5, 32) == 0
+
+
+def test_sampling_state_stops_rows_and_ends_at_budget():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])  # greedy: tokens 1 and 0
+    state = SamplingState(SamplingParams(temperature=0, stop_token_ids=[1]), 2, 3, logits.device)
+    step, last = state.choose(logits)
+    assert step.tokens.tolist() == [1, 0] and step.finished.tolist() == [True, False]
+    assert not last and step.logits is logits and step.attention is None
+    step, last = state.choose(logits.flip(0))  # row 1 hits the stop token too
+    assert step.finished.tolist() == [True, True] and last and state.steps == 2
+    state = SamplingState(SamplingParams(temperature=0), 2, 2, logits.device)
+    assert [state.choose(logits)[1] for _ in range(2)] == [False, True]  # the budget
 
 
 def test_filter_logits_top_k_and_top_p():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnlm.config import ConfigError, GPTConfig
-from attnlm.model import GPT, causal_mask
+from attnlm.model import GPT, KVCache, causal_mask, segment_starts
 from attnlm.networks import flops_per_token
 
 CFG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -93,6 +93,91 @@ def test_cache_errors(model):
 def test_causal_mask_offset():
     mask = causal_mask(2, 5)
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_causal_mask_of_every_layout():
+    assert torch.equal(causal_mask(4, 4), torch.ones(4, 4, dtype=torch.bool).tril())  # plain
+    rows = causal_mask(1, 4, row_positions=torch.tensor([3, 0, 1]))  # per-row decode
+    assert rows.shape == (3, 1, 1, 4)
+    assert rows[:, 0, 0].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    segments = torch.tensor([[0, 0, 1, 1, 1, 0]])  # ids need only differ between neighbours
+    assert segment_starts(segments).tolist() == [[0, 0, 2, 2, 2, 5]]
+    packed = causal_mask(6, 6, segments=segments)
+    assert packed.shape == (1, 1, 6, 6)
+    assert packed[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # the third text does not see the first, though both are id 0
+    ]
+
+
+def test_row_positions_decode_equals_each_row_alone(model):
+    """Rows of one cache at different lengths, one token each at its own position."""
+    idx = torch.randint(0, CFG.vocab_size, (3, 12))
+    lengths = [11, 4, 7]
+    model.set_kv_cache(batch_size=3)
+    model(idx[:, :11], input_pos=0)  # rows 1 and 2 hold more than they use: masked out
+    rows = torch.tensor(lengths)
+    tokens = idx[torch.arange(3), rows][:, None]  # (3, 1) the token after each row's prefix
+    sdpa = model(tokens, row_positions=rows).logits[:, 0]
+    model.set_kv_cache(batch_size=3)
+    model(idx[:, :11], input_pos=0)
+    explicit = model(tokens, row_positions=rows, return_attention=True)
+    model.clear_kv_cache()
+    assert explicit.attention.shape == (CFG.n_layer, 3, CFG.n_head, 1, 12)
+    for b, n in enumerate(lengths):
+        full = model(idx[b : b + 1, : n + 1], return_attention=True)
+        torch.testing.assert_close(sdpa[b], full.logits[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(explicit.logits[b, 0], full.logits[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            explicit.attention[:, b, :, 0, : n + 1], full.attention[:, 0, :, -1], atol=1e-6, rtol=0
+        )
+        assert torch.all(explicit.attention[:, b, :, 0, n + 1 :] == 0)
+
+
+def test_row_positions_and_input_pos_are_apart(model):
+    model.set_kv_cache(batch_size=2)
+    one = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(TypeError, match="row_positions"):
+        model(one, input_pos=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="row_positions needs"):
+        model(one, input_pos=1, row_positions=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="row_positions needs"):
+        model(torch.zeros(2, 2, dtype=torch.long), row_positions=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="context window"):
+        model(one, row_positions=torch.tensor([1, CFG.block_size]))
+    model.clear_kv_cache()
+    with pytest.raises(RuntimeError, match="set_kv_cache"):
+        model(one, row_positions=torch.tensor([1, 2]))
+
+
+def test_kv_cache_methods_write_where_asked():
+    cache = KVCache(batch_size=4, n_head=2, max_seq_length=6, head_size=3)
+    k, v = torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3)
+    keys, values = cache.update(1, k, v)  # positions 1..3 of rows 0, 1
+    assert keys.shape == (2, 2, 4, 3) and torch.equal(keys[:, :, 1:], k)
+    assert torch.equal(values[:, :, 1:], v) and torch.all(keys[:, :, 0] == 0)
+    one_k, one_v = torch.randn(2, 2, 1, 3), torch.randn(2, 2, 1, 3)
+    keys, values = cache.update_rows(torch.tensor([4, 0]), one_k, one_v, length=5)
+    assert keys.shape == (2, 2, 5, 3)
+    assert torch.equal(keys[0, :, 4], one_k[0, :, 0]) and torch.equal(keys[1, :, 0], one_k[1, :, 0])
+    assert torch.equal(values[0, :, 4], one_v[0, :, 0]) and torch.equal(keys[0, :, 1:4], k[0])
+    source = KVCache(batch_size=2, n_head=2, max_seq_length=3, head_size=3)
+    source.update(0, torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3))
+    before = cache.k.clone()
+    cache.copy_rows(torch.tensor([3, 1]), source)
+    assert torch.equal(cache.k[3, :, :3], source.k[0]) and torch.equal(
+        cache.v[1, :, :3], source.v[1]
+    )
+    assert torch.equal(cache.k[1, :, 3:], before[1, :, 3:])  # later positions untouched
+    assert torch.equal(cache.k[[0, 2]], before[[0, 2]])  # other rows untouched
+    with pytest.raises(ValueError, match="KV cache holds"):
+        cache.update_rows(torch.tensor([6, 0]), one_k, one_v, length=7)
+    with pytest.raises(ValueError, match="copy_rows"):
+        cache.copy_rows(torch.tensor([0]), source)
 
 
 def test_weight_tying_and_gpt2_names(model):

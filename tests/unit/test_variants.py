@@ -114,6 +114,8 @@ def test_lstm_refuses_attention_and_out_of_order_positions():
         model(idx, input_pos=5)
     with pytest.raises(ValueError, match="context window"):
         model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="one position"):
+        model(idx[:, :1], row_positions=torch.tensor([5]))
 
 
 def test_lstm_parameter_count_near_the_tiny_transformer():
