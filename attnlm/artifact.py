@@ -12,16 +12,16 @@
 `transformers.GPT2LMHeadModel.from_pretrained(folder)` loads it unchanged in meaning; our own
 `load_artifact(folder)` reads it with safetensors only. The probe study's variants (an LSTM,
 additive attention) have no GPT-2 equivalent: their folders have the same files, with
-`model_type: "attnlm"` in config.json and our own parameter names, and only attnlm loads them. Folders are written atomically: into a
-temporary sibling, then renamed into place.
+`model_type: "attnlm"` in config.json and our own parameter names, and only attnlm loads them.
+Folders are written atomically (`attnlm.atomic.atomic_folder`): into a temporary sibling, then
+renamed into place, with the permissions of a plain mkdir / open (0777 / 0666 less the umask), so
+that the serving processes can read them whoever they run as (a container's other uid).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from attnlm.atomic import atomic_folder
 from attnlm.config import ConfigError, GPTConfig
 from attnlm.lstm import LSTMLM
 from attnlm.model import GPT
@@ -119,16 +120,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _make_readable(folder: Path) -> None:
-    """Give the folder and its files the permissions of a normal mkdir / open (0777 / 0666
-    less the umask): readable by the serving processes, whoever they run as."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
 def save_artifact(
     model: GPT | LSTMLM,
     tokenizer: Tokenizer,
@@ -142,9 +133,7 @@ def save_artifact(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}"
         )
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(to_hf_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         eot = tokenizer.eot_id
         _write_json(
@@ -175,17 +164,6 @@ def save_artifact(
         )
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
         _write_json(tmp / INFO_FILE, {"format": "attnlm-gpt2", "version": 1, **(info or {})})
-        _make_readable(tmp)  # mkdtemp made it 0700: a container's other uid must read it
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -34,9 +34,10 @@ import argparse
 import os
 import pathlib
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from attnlm.atomic import atomic_write
 
 SINGULAR = "singular"
 PLURAL = "plural"
@@ -424,19 +425,9 @@ def write_corpus(
     """
     sentences = iter_corpus(num_sentences, seed, min_depth, max_depth)
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for sentence in sentences:
-                f.write(sentence + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp_name, path)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", newline="\n") as f:
+        for sentence in sentences:
+            f.write(sentence + "\n")
     return path
 
 

@@ -18,12 +18,13 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from attnlm.atomic import atomic_write
 
 EOT_TOKEN = "<|endoftext|>"
 NUM_BYTES = 256  # the byte alphabet every byte-level BPE vocabulary starts from
@@ -115,18 +116,8 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         """Write `tokenizer.json` to `path` atomically (a temporary file, then `os.replace`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json_str())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_str())
         return path
 
     def to_json_str(self) -> str:

@@ -7,7 +7,6 @@ GPUs; on the CPU it is measured at fit start with a large matmul in the training
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from attnlm.atomic import atomic_write
 from attnlm.networks import flops_per_token
 
 
@@ -174,34 +174,24 @@ def plot_loss_curve(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file beside the target, fsync, then rename over it: a crash
+    """torch.save with `atomic_write`: a temporary file beside the target, fsync, rename: a crash
     mid-write never leaves a truncated checkpoint (Lightning's own path stages in /tmp and may
     copy across file systems)."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(
         self, path, map_location: Any | None = None, weights_only: bool | None = None

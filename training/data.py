@@ -2,22 +2,13 @@
 
 `TextDataModule` is the `data:` section of the LightningCLI config. Its pipeline:
 
-1. `prepare_data` (Lightning runs it on local rank 0 only) builds a cache directory unless one with
-   the same settings exists: load the text with `datasets.load_dataset` (the built-in corpus of
-   `attnlm.corpus`, local text/json/parquet/csv files, a local dataset directory, or a Hub dataset),
-   split off validation data, train a tokenizer on the training split (unless `tokenizer_path` is
-   given), tokenize with EOT after each document, and pack each split into one flat token file::
-
-       data_cache/builtin-1f0c2a9d3b5e7a11/
-           meta.json        # dtype, tokens/characters/documents per split, vocab size, fingerprint
-           tokenizer.json   # the tokenizer the tokens were made with
-           train.bin        # every training token, end to end, raw np.uint16 (np.uint32 above 65536)
-           val.bin
-           corpus.txt       # the built-in corpus only: the text itself, one sentence per line
-
-   The directory is named by a hash of everything that determines its contents, and is written as a
-   temporary directory then renamed, so a crashed run never leaves half a cache and a second run
-   with the same settings reuses it.
+1. `prepare_data` (Lightning runs it on local rank 0 only) builds the token cache of these settings
+   unless it exists (`training.token_cache`): the text loaded with `datasets.load_dataset`, a
+   tokenizer trained on the training split (unless `tokenizer_path` is given), every split
+   tokenized and packed into one flat token file, in a directory named by a hash of everything
+   that determines its contents, written atomically, reused by a later run with the same settings.
+   The settings themselves are checked, all at once, when the module is built
+   (`training.data_settings`).
 2. `setup` (every rank) memory-maps the token files read-only and loads the tokenizer.
 3. Training batches are random windows of `block_size + 1` tokens (inputs and shifted targets).
    Window `i` of epoch `e` starts at an offset hashed from `(seed, e, i)`. `EpochWindowSampler`
@@ -34,40 +25,23 @@ Run (build the default cache and print its summary):
     python -m training.data
 """
 
-import glob
-import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import datasets
 import lightning as L
 import numpy as np
-import tokenizers
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import attnlm.corpus
-from attnlm.corpus import write_corpus
-from attnlm.tokenizer import NUM_BYTES, Tokenizer, TokenizerError
+from attnlm.tokenizer import Tokenizer
+from training.data_settings import DataSettings
+from training.token_cache import TokenCache
 
-CACHE_FORMAT = 1  # bump when the layout or the meaning of the cache files changes
-LOCAL_BUILDERS = ("text", "json", "parquet", "csv")  # `datasets` builders that read data_files
-VAL_SPLIT_NAMES = ("validation", "test")  # used as validation data when the dataset has them
-TOKENIZER_MIN_FREQUENCY = 2
 _MASK64 = (1 << 64) - 1
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype that holds every id of a `vocab_size` vocabulary."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def _splitmix64(x: int) -> int:
@@ -227,71 +201,6 @@ class ResumableDataLoader(DataLoader):
             self.sampler.resume_at(state_dict["epoch"], samples)
 
 
-class _TokenizeBatch:
-    """`datasets.map` function: texts -> ids with EOT appended; empty documents are dropped."""
-
-    def __init__(self, tokenizer: Tokenizer, text_column: str) -> None:
-        self.tokenizer = tokenizer
-        self.text_column = text_column
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        texts = [t or "" for t in batch[self.text_column]]  # None counts as empty
-        eot = self.tokenizer.eot_id
-        ids = self.tokenizer.encode_batch(texts)
-        return {
-            "ids": [x + [eot] if t else [] for x, t in zip(ids, texts, strict=True)],
-            # EOT stands for the separator between documents: one character, like a newline
-            "n_chars": [len(t) + 1 if t else 0 for t in texts],
-        }
-
-
-def _text_batches(
-    ds: datasets.Dataset, text_column: str, batch_size: int = 1000
-) -> Iterator[list[str]]:
-    for batch in ds.select_columns([text_column]).iter(batch_size=batch_size):
-        yield [t for t in batch[text_column] if t]
-
-
-def _pack(tokenized: datasets.Dataset, path: Path, dtype: np.dtype) -> dict[str, int]:
-    """Write the `ids` column end to end into a raw token file; return the split's counts."""
-    column = tokenized.data.column("ids")  # ChunkedArray of list<uint>
-    num_tokens = sum(len(chunk.flatten()) for chunk in column.chunks)
-    if num_tokens == 0:
-        path.write_bytes(b"")  # np.memmap cannot map an empty file
-    else:
-        out = np.memmap(path, dtype=dtype, mode="w+", shape=(num_tokens,))
-        pos = 0
-        for chunk in column.chunks:
-            flat = chunk.flatten().to_numpy(zero_copy_only=False)
-            out[pos : pos + len(flat)] = flat
-            pos += len(flat)
-        out.flush()
-        del out
-    n_chars = np.asarray(tokenized.data.column("n_chars").to_numpy(), dtype=np.int64)
-    return {
-        "tokens": num_tokens,
-        "chars": int(n_chars.sum()),
-        "documents": int((n_chars > 0).sum()),
-    }
-
-
-def _file_signature(path: Path) -> list[Any]:
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class TextDataModule(L.LightningDataModule):
     """Tokenized, packed text as random training windows and consecutive validation windows."""
 
@@ -343,177 +252,45 @@ class TextDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        errors: list[str] = []
-        builder = dataset if dataset in LOCAL_BUILDERS else None
-        if dataset is not None and (not isinstance(dataset, str) or not dataset.strip()):
-            errors.append(f"data.dataset: must be None or a non-empty string, got {dataset!r}")
-        for name, value in (("split", split), ("text_column", text_column)):
-            if not isinstance(value, str) or not value:
-                errors.append(f"data.{name}: must be a non-empty string, got {value!r}")
-        for name, value, minimum in (
-            ("vocab_size", vocab_size, NUM_BYTES + 1),
-            ("block_size", block_size, 1),
-            ("batch_size", batch_size, 1),
-            ("samples_per_epoch", samples_per_epoch, 1),
-            ("max_val_samples", max_val_samples, 1),
-            ("num_workers", num_workers, 0),
-            ("corpus_sentences", corpus_sentences, 1),
-        ):
-            if not _is_int(value) or value < minimum:
-                errors.append(f"data.{name}: must be an int >= {minimum}, got {value!r}")
-        if num_proc is not None and (not _is_int(num_proc) or num_proc < 1):
-            errors.append(f"data.num_proc: must be None or an int >= 1, got {num_proc!r}")
-        if not _is_int(seed):
-            errors.append(f"data.seed: must be an int, got {seed!r}")
-        if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-            errors.append(f"data.val_fraction: must be in (0, 1), got {val_fraction!r}")
-        if (
-            _is_int(batch_size)
-            and _is_int(samples_per_epoch)
-            and 1 <= samples_per_epoch < batch_size
-        ):
-            errors.append(
-                f"data.samples_per_epoch: {samples_per_epoch} is less than data.batch_size "
-                f"{batch_size}: not one full batch per epoch"
-            )
-
-        if isinstance(data_files, str):
-            data_files = [data_files]
-        if data_files is not None and (
-            not isinstance(data_files, list)
-            or not data_files
-            or not all(isinstance(f, str) and f for f in data_files)
-        ):
-            errors.append(f"data.data_files: must be a path or a list of paths, got {data_files!r}")
-            data_files = None
-        resolved_files: list[Path] = []
-        if dataset is None and data_files:
-            errors.append(
-                "data.data_files: set, but data.dataset is None (the built-in corpus); set "
-                f"data.dataset to one of {LOCAL_BUILDERS} to read these files"
-            )
-        if builder is not None:
-            if not data_files:
-                errors.append(f"data.data_files: required with data.dataset={builder!r}")
-            for pattern in data_files or []:
-                if glob.has_magic(pattern):
-                    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-                    if not matches:
-                        errors.append(f"data.data_files: no file matches: {pattern}")
-                    resolved_files += [Path(m).resolve() for m in matches]
-                else:
-                    path = Path(pattern).expanduser()
-                    if not path.is_file():
-                        errors.append(f"data.data_files: no such file: {pattern}")
-                    resolved_files.append(path.resolve())
-        local_dir: Path | None = None
-        if builder is None and isinstance(dataset, str) and dataset.strip():
-            path = Path(dataset).expanduser()
-            if path.is_file():
-                errors.append(
-                    f"data.dataset: {dataset} is a file; use data.dataset=<one of {LOCAL_BUILDERS}> "
-                    "and data.data_files=<that file>"
-                )
-            elif path.is_dir():
-                local_dir = path.resolve()
-
-        fixed_tokenizer: Tokenizer | None = None
-        if tokenizer_path is not None:
-            try:
-                fixed_tokenizer = Tokenizer.from_file(tokenizer_path)
-            except TokenizerError as e:
-                errors.append(f"data.tokenizer_path: {e}")
-        if errors:
-            raise ValueError("invalid data settings:\n  " + "\n  ".join(errors))
-
-        self.dataset = dataset
-        self.data_files = data_files
-        self.dataset_config = dataset_config
-        self.split = split
-        self.text_column = text_column
-        self.tokenizer_path = tokenizer_path
-        self.block_size = block_size
-        self.batch_size = batch_size
-        self.val_fraction = float(val_fraction)
-        self.samples_per_epoch = samples_per_epoch
-        self.max_val_samples = max_val_samples
-        self.num_proc = num_proc
-        self.num_workers = num_workers
-        self.cache_dir = Path(cache_dir).expanduser().resolve()
-        self.corpus_sentences = corpus_sentences
-        self.seed = seed
-        self._configured_vocab_size = vocab_size
-        self._builder = builder
-        self._resolved_files = resolved_files
-        self._local_dir = local_dir
-        self._fixed_tokenizer = fixed_tokenizer
-        self._tokenizer: Tokenizer | None = fixed_tokenizer
+        self.settings = DataSettings(
+            dataset=dataset,
+            data_files=data_files,
+            dataset_config=dataset_config,
+            split=split,
+            text_column=text_column,
+            tokenizer_path=tokenizer_path,
+            vocab_size=vocab_size,
+            block_size=block_size,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            samples_per_epoch=samples_per_epoch,
+            max_val_samples=max_val_samples,
+            num_proc=num_proc,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            corpus_sentences=corpus_sentences,
+            seed=seed,
+        )
+        self.cache = TokenCache(self.settings)
+        self._tokenizer: Tokenizer | None = self.settings.tokenizer
         self._meta: dict[str, Any] | None = None
         self.train_dataset: RandomWindowDataset | None = None
         self.val_dataset: ConsecutiveWindowDataset | None = None
-        self.fingerprint_inputs = self._fingerprint_inputs()
-        digest = hashlib.sha256(
-            json.dumps(self.fingerprint_inputs, sort_keys=True).encode()
-        ).hexdigest()
-        self.fingerprint = digest[:16]
-        self.cache_path = self.cache_dir / f"{self._cache_slug()}-{self.fingerprint}"
 
-    # ------------------------------------------------------------------------------------------
-    # What the cache holds, and its name
+    @property
+    def block_size(self) -> int:
+        """Training window length T (`data.block_size`)."""
+        return self.settings.block_size
 
-    def _fingerprint_inputs(self) -> dict[str, Any]:
-        """Everything that determines the cache's contents (JSON-serialisable)."""
-        inputs: dict[str, Any] = {"format": CACHE_FORMAT, "seed": self.seed}
-        if self.dataset is None:
-            corpus_file = Path(attnlm.corpus.__file__)
-            inputs["source"] = {
-                "builtin": self.corpus_sentences,
-                "generator_sha256": _sha256_file(corpus_file),
-            }
-        else:
-            inputs["source"] = {
-                "dataset": self.dataset if self._local_dir is None else str(self._local_dir),
-                "dataset_config": self.dataset_config,
-                "data_files": (
-                    [_file_signature(p) for p in self._resolved_files]
-                    if self._builder is not None
-                    else self.data_files
-                ),
-                "split": self.split,
-                "text_column": self.text_column,
-            }
-            if self._local_dir is not None:
-                inputs["source"]["dir_files"] = [
-                    _file_signature(p)
-                    for p in sorted(self._local_dir.rglob("*"))
-                    if p.is_file()
-                    and not any(
-                        part.startswith(".") for part in p.relative_to(self._local_dir).parts
-                    )
-                ]
-            inputs["val_fraction"] = self.val_fraction
-        if self._fixed_tokenizer is not None:
-            inputs["tokenizer"] = {"sha256": _sha256_file(Path(self.tokenizer_path))}
-        else:
-            inputs["tokenizer"] = {
-                "train_vocab_size": self._configured_vocab_size,
-                "min_frequency": TOKENIZER_MIN_FREQUENCY,
-                "tokenizers": tokenizers.__version__,
-            }
-        if self.dataset is None:
-            inputs["val_fraction"] = self.val_fraction
-        return inputs
+    @property
+    def cache_path(self) -> Path:
+        """The token cache directory of these settings (see `training.token_cache`)."""
+        return self.cache.path
 
-    def _cache_slug(self) -> str:
-        if self.dataset is None:
-            slug = "builtin"
-        elif self._builder is not None:
-            slug = f"{self._builder}-{self._resolved_files[0].stem}"
-        elif self._local_dir is not None:
-            slug = self._local_dir.name
-        else:
-            slug = self.dataset.replace("/", "--")
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", slug)[:48]
+    @property
+    def fingerprint(self) -> str:
+        """The hash of what determines the cache's contents; the end of its name."""
+        return self.cache.fingerprint
 
     # ------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -525,35 +302,16 @@ class TextDataModule(L.LightningDataModule):
         A tokenizer trained on a small corpus can come out smaller than the configured size; the
         model then has a few embedding rows no token uses.
         """
-        if self._fixed_tokenizer is not None:
-            return self._fixed_tokenizer.vocab_size
-        return self._configured_vocab_size
+        given = self.settings.tokenizer
+        return given.vocab_size if given is not None else self.settings.vocab_size
 
     def prepare_data(self) -> None:
         """Build the token cache at `cache_path` unless it is there already."""
-        if (self.cache_path / "meta.json").is_file():
+        if self.cache.is_built():
             rank_zero_info(f"data: reusing token cache {self.cache_path}")
             return
-        if self.cache_path.exists():
-            raise RuntimeError(
-                f"data: {self.cache_path} exists but has no meta.json (not a finished cache); "
-                "delete it to rebuild"
-            )
         rank_zero_info(f"data: building token cache {self.cache_path} (new settings)")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.cache_path.name}.tmp-", dir=self.cache_dir))
-        try:
-            meta = self._build(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            try:
-                os.rename(tmp, self.cache_path)
-            except OSError:
-                if not (self.cache_path / "meta.json").is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        meta = self.cache.build()
         splits = meta["splits"]
         rank_zero_info(
             f"data: built token cache {self.cache_path} in {meta['build_seconds']:.1f}s: "
@@ -563,14 +321,7 @@ class TextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache (every rank): tokenizer, memory-mapped splits, window datasets."""
-        meta_file = self.cache_path / "meta.json"
-        if not meta_file.is_file():
-            raise RuntimeError(
-                f"data: no token cache at {self.cache_path}; call prepare_data() first "
-                "(Trainer.fit does)"
-            )
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        self._meta = meta
+        meta = self._meta = self.cache.read_meta()
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_file(self.cache_path / "tokenizer.json")
         dtype = np.dtype(meta["dtype"])
@@ -590,25 +341,26 @@ class TextDataModule(L.LightningDataModule):
             dtype,
             splits["train"]["tokens"],
             self.block_size,
-            self.samples_per_epoch,
-            self.seed,
+            self.settings.samples_per_epoch,
+            self.settings.seed,
         )
         self.val_dataset = ConsecutiveWindowDataset(
             self.cache_path / "val.bin",
             dtype,
             splits["val"]["tokens"],
             self.block_size,
-            self.max_val_samples,
+            self.settings.max_val_samples,
         )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset)
         num_replicas, rank = self._data_parallel_world()
         sampler = EpochWindowSampler(dataset, num_replicas=num_replicas, rank=rank)
-        if len(sampler) < self.batch_size:
+        s = self.settings
+        if len(sampler) < s.batch_size:
             raise ValueError(
-                f"data.samples_per_epoch: {self.samples_per_epoch} windows over {num_replicas} "
-                f"devices is {len(sampler)} per device, less than data.batch_size {self.batch_size}"
+                f"data.samples_per_epoch: {s.samples_per_epoch} windows over {num_replicas} "
+                f"devices is {len(sampler)} per device, less than data.batch_size {s.batch_size}"
             )
         return self._loader(
             dataset,
@@ -647,8 +399,8 @@ class TextDataModule(L.LightningDataModule):
     @property
     def tokenizer_file(self) -> Path:
         """The `tokenizer.json` in use: `tokenizer_path` if given, else the cache's copy."""
-        if self.tokenizer_path is not None:
-            return Path(self.tokenizer_path)
+        if self.settings.tokenizer_path is not None:
+            return Path(self.settings.tokenizer_path)
         return self.cache_path / "tokenizer.json"
 
     @property
@@ -669,128 +421,6 @@ class TextDataModule(L.LightningDataModule):
         """Characters per token of the validation split; bits/char = nats/token / this / ln 2."""
         val = self.meta["splits"]["val"]
         return val["chars"] / val["tokens"]
-
-    # ------------------------------------------------------------------------------------------
-    # Building the cache
-
-    def _build(self, tmp: Path) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        train, val, val_source = self._load_splits(tmp)
-        t_load = time.perf_counter()
-        if self._fixed_tokenizer is not None:
-            tokenizer = self._fixed_tokenizer
-        else:
-            tokenizer = Tokenizer.train(
-                _text_batches(train, self.text_column),
-                vocab_size=self._configured_vocab_size,
-                min_frequency=TOKENIZER_MIN_FREQUENCY,
-            )
-        tokenizer.save(tmp / "tokenizer.json")
-        t_tok = time.perf_counter()
-        dtype = token_dtype(tokenizer.vocab_size)
-        list_feature = getattr(datasets, "List", datasets.Sequence)  # List since datasets 4
-        features = datasets.Features(
-            {"ids": list_feature(datasets.Value(dtype.name)), "n_chars": datasets.Value("int64")}
-        )
-        splits = {}
-        for name, ds in (("train", train), ("val", val)):
-            tokenized = ds.map(
-                _TokenizeBatch(tokenizer, self.text_column),
-                batched=True,
-                batch_size=1000,
-                num_proc=self.num_proc,
-                remove_columns=ds.column_names,
-                features=features,
-                cache_file_name=str(tmp / "arrow" / f"{name}.arrow"),
-                load_from_cache_file=False,
-                new_fingerprint=f"{self.fingerprint}-{name}",
-                desc=f"tokenizing {name}",
-            )
-            splits[name] = _pack(tokenized, tmp / f"{name}.bin", dtype)
-            del tokenized
-        t_pack = time.perf_counter()
-        shutil.rmtree(tmp / "arrow", ignore_errors=True)
-        shutil.rmtree(tmp / "hf", ignore_errors=True)
-        return {
-            "format": CACHE_FORMAT,
-            "fingerprint": self.fingerprint,
-            "fingerprint_inputs": self.fingerprint_inputs,
-            "dtype": dtype.name,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "val_source": val_source,
-            "splits": splits,
-            "build_seconds": round(t_pack - t0, 3),
-            "seconds": {
-                "load": round(t_load - t0, 3),
-                "train_tokenizer": round(t_tok - t_load, 3),
-                "tokenize_and_pack": round(t_pack - t_tok, 3),
-            },
-        }
-
-    def _load_splits(self, tmp: Path) -> tuple[datasets.Dataset, datasets.Dataset, str]:
-        """(train, val, where val came from) as `datasets.Dataset`s with the text column."""
-        if self.dataset is None:
-            corpus = write_corpus(tmp / "corpus.txt", self.corpus_sentences, seed=self.seed)
-            path, name, data_files = "text", None, [str(corpus)]
-            hf_cache = tmp / "hf"  # nothing here is worth keeping past this build
-        elif self._builder is not None:
-            path, name, data_files = (
-                self._builder,
-                self.dataset_config,
-                [str(p) for p in self._resolved_files],
-            )
-            hf_cache = self.cache_dir / "hf"
-        else:
-            path = str(self._local_dir) if self._local_dir is not None else self.dataset
-            name, data_files = self.dataset_config, self.data_files
-            hf_cache = self.cache_dir / "hf"
-        kwargs = {"name": name, "data_files": data_files, "cache_dir": str(hf_cache)}
-        loaded = datasets.load_dataset(path, **kwargs)
-        if not isinstance(loaded, datasets.DatasetDict):
-            raise ValueError(
-                f"data.dataset: {self.dataset!r} did not load as a dataset with splits"
-            )
-        base_split = self.split.split("[", 1)[0]
-        if self.split in loaded:
-            train = loaded[self.split]
-        elif base_split in loaded:
-            train = datasets.load_dataset(path, split=self.split, **kwargs)  # slicing syntax
-        else:
-            raise ValueError(
-                f"data.split: {self.split!r} is not a split of the dataset; it has {list(loaded)}"
-            )
-        self._check_text_column(train)
-        for val_name in VAL_SPLIT_NAMES:
-            if val_name in loaded and val_name != base_split:
-                return train, loaded[val_name], f"split {val_name!r}"
-        if len(train) < 2:
-            raise ValueError(
-                f"data: the {self.split!r} split has {len(train)} document(s); splitting off "
-                "validation data needs at least 2"
-            )
-        parts = train.train_test_split(
-            test_size=self.val_fraction,
-            seed=self.seed,
-            shuffle=True,
-            train_indices_cache_file_name=str(tmp / "arrow" / "train_indices.arrow"),
-            test_indices_cache_file_name=str(tmp / "arrow" / "val_indices.arrow"),
-        )
-        return parts["train"], parts["test"], f"val_fraction={self.val_fraction} of {self.split!r}"
-
-    def _check_text_column(self, ds: datasets.Dataset) -> None:
-        feature = ds.features.get(self.text_column)
-        if feature is None:
-            raise ValueError(
-                f"data.text_column: no column {self.text_column!r}; the dataset has "
-                f"{list(ds.features)}"
-            )
-        if not (
-            isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-        ):
-            raise ValueError(
-                f"data.text_column: column {self.text_column!r} holds {feature}, not strings"
-            )
 
     # ------------------------------------------------------------------------------------------
     # Helpers
@@ -819,10 +449,10 @@ class TextDataModule(L.LightningDataModule):
     ) -> DataLoader:
         return loader_class(
             dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            batch_size=self.settings.batch_size,
+            num_workers=self.settings.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.settings.num_workers > 0,
             **kwargs,
         )
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlm.config import ConfigError
-from training.cli import USER_ERRORS, AttnLMCLI, run_lightning
+from training.lightning_cli import USER_ERRORS, AttnLMCLI, run_lightning
 
 LAUNCHERS = ("lightning", "ray")
 TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")

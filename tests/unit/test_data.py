@@ -16,14 +16,13 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import training.data  # noqa: E402
+import training.token_cache  # noqa: E402
 from attnlm.corpus import generate_corpus  # noqa: E402
 from attnlm.tokenizer import EOT_TOKEN, Tokenizer  # noqa: E402
 from training.data import (  # noqa: E402
     EpochWindowSampler,
     RandomWindowDataset,
     TextDataModule,
-    token_dtype,
     window_start,
 )
 
@@ -171,7 +170,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(training.data, "_pack", crash)
+    monkeypatch.setattr(training.token_cache, "_pack", crash)
     dm = TextDataModule(cache_dir=str(tmp_path), **{**SMALL, "corpus_sentences": 200})
     with pytest.raises(RuntimeError, match="disk on fire"):
         dm.prepare_data()
@@ -336,11 +335,6 @@ def test_split_too_short_for_a_window(tmp_path):
         ValueError, match=r"the train split has \d+ tokens; data.block_size=512 needs at least 513"
     ):
         dm.setup("fit")
-
-
-def test_token_dtype_widens_past_uint16():
-    assert token_dtype(512) == np.uint16 and token_dtype(65536) == np.uint16
-    assert token_dtype(65537) == np.uint32
 
 
 def test_datasets_pickle_without_their_tokens(builtin):
