@@ -13,6 +13,13 @@
 `load_artifact(folder)` reads it with safetensors only. The probe study's variants (an LSTM,
 additive attention) have no GPT-2 equivalent: their folders have the same files, with
 `model_type: "attnlm"` in config.json and our own parameter names, and only attnlm loads them.
+
+One vocabulary: the tokenizer's. A model may have more embedding rows than the tokenizer has
+tokens (a tokenizer trained on a small corpus comes out smaller than asked, or rows padded for
+speed); those ids decode to nothing. `save_artifact` crops them, so config.json's `vocab_size` is
+the tokenizer's size and any GPT-2 tool gets exactly the served distribution; `load_artifact`
+crops a padded folder (written before this rule) the same way, so no path that loads an artifact
+can give a padded id probability mass.
 Folders are written atomically (`attnlm.atomic.atomic_folder`): into a temporary sibling, then
 renamed into place, with the permissions of a plain mkdir / open (0777 / 0666 less the umask), so
 that the serving processes can read them whoever they run as (a container's other uid).
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +123,23 @@ def from_hf_state_dict(
     return ours
 
 
+def crop_vocab(
+    state: dict[str, torch.Tensor], config: GPTConfig, vocab_size: int
+) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """Keep the first `vocab_size` rows of the token embedding (and the tied output head) of a
+    state dict in our names; the config says the new size. No-op when there is nothing to crop."""
+    if vocab_size > config.vocab_size:
+        raise ArtifactError(f"cannot crop {config.vocab_size} embedding rows to {vocab_size}")
+    if vocab_size == config.vocab_size:
+        return state, config
+    rows = {"wte.weight", "transformer.wte.weight", "lm_head.weight"}
+    cropped = {
+        name: tensor[:vocab_size].contiguous() if name in rows else tensor
+        for name, tensor in state.items()
+    }
+    return cropped, replace(config, vocab_size=vocab_size)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -132,9 +156,11 @@ def save_artifact(
         raise ArtifactError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}"
         )
+    state, cfg = crop_vocab(to_hf_state_dict(model), cfg, tokenizer.vocab_size)
+    info = {**(info or {}), "model_vocab_rows": model.config.vocab_size}
     out = Path(out_dir)
     with atomic_folder(out) as tmp:
-        save_file(to_hf_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         eot = tokenizer.eot_id
         _write_json(
             tmp / CONFIG_FILE,
@@ -163,7 +189,7 @@ def save_artifact(
             {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN},
         )
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
-        _write_json(tmp / INFO_FILE, {"format": "attnlm-gpt2", "version": 1, **(info or {})})
+        _write_json(tmp / INFO_FILE, {"format": "attnlm-gpt2", "version": 1, **info})
     return out
 
 
@@ -203,6 +229,7 @@ def load_artifact(
             f"{folder / WEIGHTS_FILE} is not a readable safetensors file: {err}"
         ) from err
     state = from_hf_state_dict(hf_state, config)
+    state, config = crop_vocab(state, config, tokenizer.vocab_size)  # a padded folder: cropped
     model = build_model(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -300,7 +300,8 @@ class TextDataModule(L.LightningDataModule):
         """Vocabulary size for the model: the given tokenizer's, else the configured one.
 
         A tokenizer trained on a small corpus can come out smaller than the configured size; the
-        model then has a few embedding rows no token uses.
+        model then has a few embedding rows no token uses (`setup` says so; `attnlm export` and
+        `load_artifact` crop them, so no served or exported distribution gives them mass).
         """
         given = self.settings.tokenizer
         return given.vocab_size if given is not None else self.settings.vocab_size
@@ -324,6 +325,13 @@ class TextDataModule(L.LightningDataModule):
         meta = self._meta = self.cache.read_meta()
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_file(self.cache_path / "tokenizer.json")
+        if self._tokenizer.vocab_size < self.vocab_size:
+            rank_zero_info(
+                f"data: the trained tokenizer has {self._tokenizer.vocab_size} tokens, fewer than "
+                f"data.vocab_size={self.vocab_size} (the corpus has no more merges); the model "
+                f"keeps {self.vocab_size} embedding rows, ids {self._tokenizer.vocab_size}.."
+                f"{self.vocab_size - 1} are padding, never sampled and cropped on export"
+            )
         dtype = np.dtype(meta["dtype"])
         splits = meta["splits"]
         needed = self.block_size + 1
