@@ -7,8 +7,9 @@ Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming
 /v1/next-token, POST /v1/attention, POST /v1/probe, GET /v1/models, GET /health, GET /metrics,
 GET / (viewer).
 Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
-(size and wait in `user_config`). Every bad request answers a 4xx with OpenAI's error body;
-requests beyond `max_in_flight` answer 503 with Retry-After.
+(size and wait in `user_config`). Every bad request answers a 4xx with
+OpenAI's error body (checked once: by the pydantic models of `serving.schemas`, or by the
+engine); requests beyond `max_in_flight` answer 503 with Retry-After.
 """
 
 import asyncio
@@ -29,6 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import AttentionOptions, CompletionParams, Engine, EngineError
+from serving.limits import DEFAULT_MAX_TOKENS
 from serving.metrics import ServerMetrics
 from serving.schemas import (
     AttentionOptionsModel,
@@ -203,6 +205,23 @@ def _attention_options(source: AttentionOptionsModel | bool | None) -> Attention
     )
 
 
+def _completion_params(request: CompletionRequest) -> CompletionParams:
+    """The engine's parameters of a completion request (`max_tokens` null: the default; a
+    `top_p` of 1: no nucleus sampling)."""
+    return CompletionParams(
+        max_tokens=DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens,
+        temperature=request.temperature,
+        top_p=None if request.top_p >= 1.0 else request.top_p,
+        top_k=request.top_k,
+        stop=request.stop,
+        seed=request.seed,
+        n=request.n,
+        echo=request.echo,
+        logprobs=request.logprobs,
+        attention=_attention_options(request.return_attention),
+    )
+
+
 def _attention_dict(result) -> dict[str, Any]:
     return {
         "tokens": result.tokens,
@@ -330,13 +349,14 @@ class AttnLMServer:
         idle = time.monotonic() - ActiveRequests.last_exit >= IDLE_S
         return ActiveRequests.count <= 1 and idle
 
-    async def _forward(self, engine_fn, batched, text: str, arg) -> tuple[Any, float]:
+    async def _forward(self, engine_fn, check, batched, text: str, arg) -> tuple[Any, float]:
         """One text's engine result and the engine seconds: at once when the request is alone,
-        else through the `@serve.batch` method `batched`, validated first so that a bad text
-        fails alone instead of failing its batch."""
+        else through the `@serve.batch` method `batched`, checked first (`check(arg)`, then the
+        text) so that a bad request fails alone instead of failing its batch."""
         if self._alone():
             (result,), secs = _timed(engine_fn, [text], arg)
             return result, secs
+        check(arg)
         self.engine.encode(text)
         result = await batched((text, arg))
         if isinstance(result, EngineError):
@@ -409,12 +429,12 @@ class AttnLMServer:
     async def next_token(self, request: NextTokenRequest) -> Response:
         async def work():
             self._check_model(request.model)
-            if request.top_k > self.engine.tokenizer.vocab_size:
-                raise EngineError(
-                    f"top_k must be at most {self.engine.tokenizer.vocab_size}", param="top_k"
-                )
             nt, secs = await self._forward(
-                self.engine.next_token, self._next_token_batch, request.text, request.top_k
+                self.engine.next_token,
+                self.engine.check_top_k,
+                self._next_token_batch,
+                request.text,
+                request.top_k,
             )
             content = {
                 "model": self.engine.model_name,
@@ -430,10 +450,12 @@ class AttnLMServer:
     async def attention(self, request: AttentionRequest) -> Response:
         async def work():
             self._check_model(request.model)
-            options = _attention_options(request)
-            self.engine.check_attention_options(options)
             att_map, secs = await self._forward(
-                self.engine.attention, self._attention_batch, request.text, options
+                self.engine.attention,
+                self.engine.check_attention_options,
+                self._attention_batch,
+                request.text,
+                _attention_options(request),
             )
             return Timed({"model": self.engine.model_name, **_attention_dict(att_map)}, secs)
 
@@ -457,21 +479,7 @@ class AttnLMServer:
             prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
             if not prompts:
                 raise EngineError("prompt must not be an empty list", param="prompt")
-            stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-            if len(stop) > 4:
-                raise EngineError("at most 4 stop sequences", param="stop")
-            params = CompletionParams(
-                max_tokens=request.max_tokens or 16,
-                temperature=request.temperature,
-                top_p=None if request.top_p >= 1.0 else request.top_p,
-                top_k=request.top_k,
-                stop=stop,
-                seed=request.seed,
-                n=request.n,
-                echo=request.echo,
-                logprobs=request.logprobs,
-                attention=_attention_options(request.return_attention),
-            )
+            params = _completion_params(request)
             for p in prompts:
                 self.engine.encode(p, param="prompt")
             completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
