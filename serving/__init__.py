@@ -1,8 +1,15 @@
 """attnlm's serving app: Ray Serve + FastAPI over the shared core.
 
 - `serving.engine`: model work without any web or Ray dependency (batched next-token and attention
-  forwards, KV-cache completions with attention maps, rollout, encodings).
+  forwards, KV-cache completions with attention maps), on its parts:
+  - `serving.params`: the engine's parameters, results and `EngineError`;
+  - `serving.forwards`: many texts in few forwards (packed rows, length buckets);
+  - `serving.attention_maps`: layer/head selection, mean, rollout, json/base64 encoding;
+  - `serving.detok`: incremental detokenization, stop strings, logprobs;
+  - `serving.sentence_probe`: the agreement probe on one sentence.
+- `serving.limits`: every request limit and default, for the engine and the request models.
 - `serving.schemas`: pydantic request models, OpenAI's error body.
+- `serving.settings`: the deployment's `user_config` (batching, in-flight bound).
 - `serving.app`: the deployment (`serve run configs/serve.yaml`).
 - `serving.show`: print an attention map from a running server in the terminal.
 - `serving/static/index.html`: the attention viewer page served at `/`.

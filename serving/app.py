@@ -7,8 +7,9 @@ Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming
 /v1/next-token, POST /v1/attention, POST /v1/probe, GET /v1/models, GET /health, GET /metrics,
 GET / (viewer).
 Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
-(size and wait in `user_config`). Every bad request answers a 4xx with OpenAI's error body;
-requests beyond `max_in_flight` answer 503 with Retry-After.
+(size and wait in `user_config`, `serving.settings`). Every bad request answers a 4xx with
+OpenAI's error body (checked once: by the pydantic models of `serving.schemas`, or by the
+engine); requests beyond `max_in_flight` answer 503 with Retry-After.
 """
 
 import asyncio
@@ -29,6 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import AttentionOptions, CompletionParams, Engine, EngineError
+from serving.limits import DEFAULT_MAX_TOKENS
 from serving.metrics import ServerMetrics
 from serving.schemas import (
     AttentionOptionsModel,
@@ -38,11 +40,12 @@ from serving.schemas import (
     ProbeRequest,
     error_body,
 )
+from serving.settings import MAX_ONGOING_REQUESTS, ServerSettings
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 IDLE_S = 0.002  # a replica with no request for this long is idle (see AttnLMServer._alone)
-MAX_DECODE_THREADS = 64  # = max_ongoing_requests in configs/serve.yaml
+DEFAULTS = ServerSettings()  # the user_config a deployment starts with
 
 
 class JSON(JSONResponse):
@@ -203,6 +206,23 @@ def _attention_options(source: AttentionOptionsModel | bool | None) -> Attention
     )
 
 
+def _completion_params(request: CompletionRequest) -> CompletionParams:
+    """The engine's parameters of a completion request (`max_tokens` null: the default; a
+    `top_p` of 1: no nucleus sampling)."""
+    return CompletionParams(
+        max_tokens=DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens,
+        temperature=request.temperature,
+        top_p=None if request.top_p >= 1.0 else request.top_p,
+        top_k=request.top_k,
+        stop=request.stop,
+        seed=request.seed,
+        n=request.n,
+        echo=request.echo,
+        logprobs=request.logprobs,
+        attention=_attention_options(request.return_attention),
+    )
+
+
 def _attention_dict(result) -> dict[str, Any]:
     return {
         "tokens": result.tokens,
@@ -235,16 +255,16 @@ def _node_id() -> str | None:
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
     health_check_period_s=10,
-    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.005, "max_in_flight": 48},
+    user_config=asdict(DEFAULTS),
 )
 @serve.ingress(app)
 class AttnLMServer:
     def __init__(self, artifact: str, device: str | None = None, dtype: str | None = None) -> None:
         self.engine = Engine(artifact, device=device, dtype=dtype)
         self.created = int(time.time())
-        self.max_in_flight = 48
+        self.settings = DEFAULTS
         self.in_flight = 0
         self.replica = _replica_name()
         self.node_id = _node_id()
@@ -252,19 +272,15 @@ class AttnLMServer:
         # Completion threads mostly wait for the engine's shared decode steps: a pool of their
         # own, as large as the requests a replica takes, so that all of them decode together
         # (asyncio's default pool has min(32, CPUs + 4) threads).
-        self._decode_pool = ThreadPoolExecutor(max_workers=MAX_DECODE_THREADS)
+        self._decode_pool = ThreadPoolExecutor(max_workers=MAX_ONGOING_REQUESTS)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """user_config: batch size and wait of the batched forwards, the in-flight bound."""
-        self._next_token_batch.set_max_batch_size(int(config.get("max_batch_size", 16)))
-        self._next_token_batch.set_batch_wait_timeout_s(
-            float(config.get("batch_wait_timeout_s", 0.005))
-        )
-        self._attention_batch.set_max_batch_size(int(config.get("max_batch_size", 16)))
-        self._attention_batch.set_batch_wait_timeout_s(
-            float(config.get("batch_wait_timeout_s", 0.005))
-        )
-        self.max_in_flight = int(config.get("max_in_flight", 48))
+        """user_config (`ServerSettings`): batch size and wait of the batched forwards, the
+        in-flight bound; keys left out keep their defaults."""
+        self.settings = ServerSettings.from_user_config(config)
+        for batched in (self._next_token_batch, self._attention_batch):
+            batched.set_max_batch_size(self.settings.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     # -- plumbing ---------------------------------------------------------------------------------
     async def _in_decode_thread(self, fn, *args):
@@ -286,11 +302,12 @@ class AttnLMServer:
         replica, `engine` (next-token, attention, probe) the engine call that served it (a
         batched forward's whole time for each request in the batch)."""
         self.metrics.request(endpoint)
-        if self.in_flight >= self.max_in_flight:
+        if self.in_flight >= self.settings.max_in_flight:
             self.metrics.error(endpoint, 503)
             return error_response(
                 503,
-                f"server is at capacity ({self.max_in_flight} requests in flight); retry shortly",
+                f"server is at capacity ({self.settings.max_in_flight} requests in flight); "
+                "retry shortly",
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
@@ -330,20 +347,23 @@ class AttnLMServer:
         idle = time.monotonic() - ActiveRequests.last_exit >= IDLE_S
         return ActiveRequests.count <= 1 and idle
 
-    async def _forward(self, engine_fn, batched, text: str, arg) -> tuple[Any, float]:
+    async def _forward(self, engine_fn, check, batched, text: str, arg) -> tuple[Any, float]:
         """One text's engine result and the engine seconds: at once when the request is alone,
-        else through the `@serve.batch` method `batched`, validated first so that a bad text
-        fails alone instead of failing its batch."""
+        else through the `@serve.batch` method `batched`, checked first (`check(arg)`, then the
+        text) so that a bad request fails alone instead of failing its batch."""
         if self._alone():
             (result,), secs = _timed(engine_fn, [text], arg)
             return result, secs
+        check(arg)
         self.engine.encode(text)
         result = await batched((text, arg))
         if isinstance(result, EngineError):
             raise result
         return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(
+        max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s
+    )
     async def _next_token_batch(self, items: list[tuple[str, int]]) -> list[Any]:
         top_k = max(k for _, k in items)  # one forward; each request keeps its own k
         texts = [t for t, _ in items]
@@ -353,7 +373,9 @@ class AttnLMServer:
             return [err] * len(items)
         return [(r, secs) for r in results]  # each request cuts `top` to its own k
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(
+        max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s
+    )
     async def _attention_batch(self, items: list[tuple[str, AttentionOptions]]) -> list[Any]:
         try:
             maps, secs = await asyncio.to_thread(
@@ -409,12 +431,12 @@ class AttnLMServer:
     async def next_token(self, request: NextTokenRequest) -> Response:
         async def work():
             self._check_model(request.model)
-            if request.top_k > self.engine.tokenizer.vocab_size:
-                raise EngineError(
-                    f"top_k must be at most {self.engine.tokenizer.vocab_size}", param="top_k"
-                )
             nt, secs = await self._forward(
-                self.engine.next_token, self._next_token_batch, request.text, request.top_k
+                self.engine.next_token,
+                self.engine.check_top_k,
+                self._next_token_batch,
+                request.text,
+                request.top_k,
             )
             content = {
                 "model": self.engine.model_name,
@@ -430,10 +452,12 @@ class AttnLMServer:
     async def attention(self, request: AttentionRequest) -> Response:
         async def work():
             self._check_model(request.model)
-            options = _attention_options(request)
-            self.engine.check_attention_options(options)
             att_map, secs = await self._forward(
-                self.engine.attention, self._attention_batch, request.text, options
+                self.engine.attention,
+                self.engine.check_attention_options,
+                self._attention_batch,
+                request.text,
+                _attention_options(request),
             )
             return Timed({"model": self.engine.model_name, **_attention_dict(att_map)}, secs)
 
@@ -457,21 +481,7 @@ class AttnLMServer:
             prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
             if not prompts:
                 raise EngineError("prompt must not be an empty list", param="prompt")
-            stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-            if len(stop) > 4:
-                raise EngineError("at most 4 stop sequences", param="stop")
-            params = CompletionParams(
-                max_tokens=request.max_tokens or 16,
-                temperature=request.temperature,
-                top_p=None if request.top_p >= 1.0 else request.top_p,
-                top_k=request.top_k,
-                stop=stop,
-                seed=request.seed,
-                n=request.n,
-                echo=request.echo,
-                logprobs=request.logprobs,
-                attention=_attention_options(request.return_attention),
-            )
+            params = _completion_params(request)
             for p in prompts:
                 self.engine.encode(p, param="prompt")
             completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"

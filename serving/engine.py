@@ -2,7 +2,11 @@
 
 Pure Python on the attnlm core (model, KV-cache generation loop, tokenizer, artifact); no Ray,
 FastAPI or pydantic, so it runs and is tested on its own. `serving/app.py` puts it behind a Ray
-Serve deployment and turns `EngineError` into OpenAI's error body (docs/serving.md).
+Serve deployment and turns `EngineError` into OpenAI's error body (docs/serving.md). Its parts:
+`serving.params` (parameters, results, EngineError; bounds from `serving.limits`),
+`serving.forwards` (texts packed into few forwards), `serving.attention_maps` (selection,
+rollout, encoding), `serving.detok` (incremental text, stop strings, logprobs) and
+`serving.sentence_probe` (`probe`).
 
     engine = Engine("artifacts/tiny")                  # cuda + bf16 when available, else cpu + fp32
     engine.next_token(["The cats near the dog"], top_k=5)[0].top
@@ -22,8 +26,6 @@ may be padded past the tokenizer's; ids without text are never reported nor samp
 
 from __future__ import annotations
 
-import base64
-import bisect
 import math
 import os
 import queue
@@ -33,7 +35,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,294 +44,28 @@ from attnlm.generate import GenerationStep, SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
 from attnlm.lstm import LSTMLM
 from attnlm.model import GPT, GPTOutput
-from attnlm.probe import ProbeError, analyze, score_items
+from serving.attention_maps import attention_map, check_attention_options
+from serving.detok import Row, join_logprobs, logprobs_dict, prompt_logprobs, token_records
+from serving.forwards import TextForwards
+from serving.limits import DEFAULT_TOP_K
+from serving.params import (
+    AttentionMap,
+    AttentionOptions,
+    AttentionQuery,
+    Choice,
+    Completion,
+    CompletionDelta,
+    CompletionParams,
+    EngineError,
+    NextToken,
+    ProbeResult,
+    invalid,
+    is_int,
+)
+from serving.sentence_probe import probe_sentence
 
-AGGREGATIONS = ("none", "mean", "rollout")
-ENCODINGS = ("json", "base64")
-MAX_DECIMALS = 8
-MAX_N = 16  # samples per completion request
 DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions decode in
-MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's legacy completions
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 character decodes to
-
-
-MAX_PADDING = 0.2  # a length bucket may be this fraction padding (models that cannot pack)
-PACK_TOKENS = 64  # packed rows hold this many tokens (or the longest text, if longer)
-
-
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices packed into rows of at most `capacity` tokens, first fit by decreasing length
-    (a text longer than `capacity` gets a row of its own)."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(max(capacity - lengths[i], 0))
-    return rows
-
-
-def length_buckets(lengths: list[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
-    """Indices grouped into buckets of similar length (longest first), each padded to its
-    longest row with at most `max_padding` of its tokens being padding."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    buckets: list[list[int]] = []
-    for i in order:
-        if buckets:
-            bucket = buckets[-1]
-            longest = lengths[bucket[0]]
-            real = sum(lengths[j] for j in bucket) + lengths[i]
-            if 1 - real / (longest * (len(bucket) + 1)) <= max_padding:
-                bucket.append(i)
-                continue
-        buckets.append([i])
-    return buckets
-
-
-class EngineError(ValueError):
-    """A request the engine cannot serve; the HTTP layer answers it with OpenAI's error body."""
-
-    def __init__(
-        self, message: str, param: str | None = None, code: str | None = None, status: int = 400
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status = status
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _invalid(message: str, param: str) -> EngineError:
-    return EngineError(message, param=param, code="invalid_value")
-
-
-# -- request parameters ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttentionOptions:
-    """What of the attention map to return; checked at construction (ranges by the engine)."""
-
-    layers: list[int] | None = None  # layer indices, None = all
-    heads: list[int] | None = None  # head indices, None = all
-    aggregation: str = "none"  # "none" (per head) | "mean" (over heads) | "rollout"
-    encoding: str = "json"  # "json" (nested lists) | "base64" (float16 bytes)
-    decimals: int = 4  # rounding of json values, 0..8
-
-    def __post_init__(self) -> None:
-        for name in ("layers", "heads"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if (
-                not isinstance(value, (list, tuple))
-                or not value
-                or not all(_is_int(i) for i in value)
-            ):
-                raise _invalid(f"{name} must be a non-empty list of integers or null", name)
-            object.__setattr__(self, name, list(value))
-        if self.aggregation not in AGGREGATIONS:
-            raise _invalid(
-                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}",
-                "aggregation",
-            )
-        if self.encoding not in ENCODINGS:
-            raise _invalid(
-                f"encoding must be one of {', '.join(ENCODINGS)}; got {self.encoding!r}", "encoding"
-            )
-        if not _is_int(self.decimals) or not 0 <= self.decimals <= MAX_DECIMALS:
-            raise _invalid(
-                f"decimals must be an integer in 0..{MAX_DECIMALS}, got {self.decimals!r}",
-                "decimals",
-            )
-
-
-@dataclass(frozen=True)
-class AttentionQuery:
-    """One text and what to return of its attention map (`Engine.attention` takes either these
-    or texts plus options)."""
-
-    text: str
-    options: AttentionOptions = field(default_factory=AttentionOptions)
-
-
-@dataclass(frozen=True)
-class CompletionParams:
-    """OpenAI legacy-completions sampling parameters; checked at construction (`max_tokens`'s
-    upper limit by the engine)."""
-
-    max_tokens: int = 16  # 1..the engine's limit; the context window may end a row sooner
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float | None = None  # nucleus sampling, in (0, 1]
-    top_k: int | None = None  # keep the k most likely tokens, >= 1
-    stop: Sequence[str] = ()  # the text ends before the first occurrence of any of these
-    seed: int | None = None  # reproducible sampling
-    n: int = 1  # samples, 1..16, decoded as one batch
-    echo: bool = False  # prepend the prompt to each choice's text
-    logprobs: int | None = None  # report the chosen token's and this many (0..5) top logprobs
-    attention: AttentionOptions | None = None  # return the map over prompt + completion
-
-    def __post_init__(self) -> None:
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if stop is None:
-            stop = ()
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
-            raise _invalid("stop must be a non-empty string or a list of them", "stop")
-        object.__setattr__(self, "stop", tuple(stop))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise _invalid(
-                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
-            )
-        if not _is_number(self.temperature) or not (
-            math.isfinite(self.temperature) and self.temperature >= 0
-        ):
-            raise _invalid(f"temperature must be >= 0, got {self.temperature!r}", "temperature")
-        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise _invalid(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise _invalid(f"top_k must be an integer >= 1, got {self.top_k!r}", "top_k")
-        if self.seed is not None and not _is_int(self.seed):
-            raise _invalid(f"seed must be an integer, got {self.seed!r}", "seed")
-        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
-            raise _invalid(f"n must be an integer in 1..{MAX_N}, got {self.n!r}", "n")
-        if not isinstance(self.echo, bool):
-            raise _invalid(f"echo must be a boolean, got {self.echo!r}", "echo")
-        if self.logprobs is not None and (
-            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise _invalid(
-                f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}",
-                "logprobs",
-            )
-        if self.attention is not None and not isinstance(self.attention, AttentionOptions):
-            raise _invalid("attention must be AttentionOptions or None", "attention")
-
-
-# -- results -----------------------------------------------------------------------------------------
-@dataclass
-class NextToken:
-    tokens: list[str]  # the text's tokens, each decoded alone
-    token_ids: list[int]
-    top: list[dict]  # {"token", "token_id", "prob", "logprob"}, most likely first
-
-
-@dataclass
-class AttentionMap:
-    tokens: list[str]
-    token_ids: list[int]
-    n_layers: int  # of the model
-    n_heads: int
-    layers: list[int]  # the selected ones, in the order of the map's first axis
-    heads: list[int]
-    aggregation: str
-    attention: dict  # encode_array: {"encoding", "shape", "dtype", "data"}
-
-
-@dataclass
-class Choice:
-    text: str
-    index: int
-    finish_reason: str  # "stop" (end-of-text or a stop string) | "length"
-    logprobs: dict | None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
-    tokens: list[str] | None = None  # prompt + generated tokens, with attention only
-    attention: dict | None = None  # AttentionMap's fields over those tokens
-
-
-@dataclass
-class Completion:
-    choices: list[Choice]
-    prompt_tokens: int
-    completion_tokens: int  # every sampled token of every choice (end-of-text included)
-
-
-@dataclass
-class CompletionDelta:
-    index: int  # the choice
-    text: str  # new text of the choice (the prompt first, with echo)
-    finish_reason: str | None  # set on the choice's last delta
-    logprobs: dict | None  # of the tokens whose text starts in this delta
-    tokens: list[str] | None = None  # on the last delta, with attention only
-    attention: dict | None = None  # on the last delta, with attention only
-
-
-# -- array helpers -------------------------------------------------------------------------------------
-def rollout(att: torch.Tensor) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema 2020) of att (L, H, T, T): per layer
-    Â = 0.5·mean_heads(A) + 0.5·I with rows renormalised, R_l = Â_l @ R_{l-1} from layer 0 up.
-
-    Returns:
-        (L, T, T): R after each layer; every row sums to 1.
-    """
-    T = att.size(-1)
-    eye = torch.eye(T, dtype=att.dtype, device=att.device)  # (T, T)
-    mixed = 0.5 * att.mean(dim=1) + 0.5 * eye  # (L, T, T)
-    mixed = mixed / mixed.sum(dim=-1, keepdim=True)
-    result, maps = eye, []
-    for layer_map in mixed:
-        result = layer_map @ result  # (T, T)
-        maps.append(result)
-    return torch.stack(maps)  # (L, T, T)
-
-
-def select_attention(
-    att: torch.Tensor, layers: list[int], heads: list[int], aggregation: str
-) -> torch.Tensor:
-    """Selected part of one text's map att (L, H, T, T) (indices already checked).
-
-    Returns:
-        "none": (len(layers), len(heads), T, T); "mean" / "rollout": (len(layers), T, T), where
-        rollout mixes the selected heads through every layer up to each selected one.
-    """
-    att = att[:, heads]  # (L, h, T, T)
-    if aggregation == "none":
-        return att[layers]
-    if aggregation == "mean":
-        return att.mean(dim=1)[layers]
-    if aggregation == "rollout":
-        return rollout(att[: max(layers) + 1])[layers]
-    raise _invalid(f"aggregation must be one of {', '.join(AGGREGATIONS)}", "aggregation")
-
-
-def encode_array(t: torch.Tensor, encoding: str = "json", decimals: int = 4) -> dict:
-    """{"encoding", "shape", "dtype", "data"}: "json" gives the values rounded to `decimals` as
-    a C-contiguous float64 numpy array, which the server writes as nested JSON lists
-    (`serving.app.JSON`, orjson: ~10x faster than nested Python lists through `json.dumps`);
-    "base64" gives little-endian float16 bytes, row-major."""
-    shape = list(t.shape)
-    if encoding == "json":
-        values = torch.round(t.detach().to("cpu", torch.float64), decimals=decimals)
-        data = np.ascontiguousarray(values.numpy())
-        return {"encoding": "json", "shape": shape, "dtype": "float32", "data": data}
-    if encoding == "base64":
-        raw = t.detach().to("cpu", torch.float16).contiguous().numpy().astype("<f2").tobytes()
-        data = base64.b64encode(raw).decode("ascii")
-        return {"encoding": "base64", "shape": shape, "dtype": "float16", "data": data}
-    raise _invalid(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}", "encoding")
-
-
-@dataclass
-class ProbeResult:
-    tokens: list[str]  # the text's tokens
-    token_ids: list[int]
-    subject: dict  # {"text", "token_positions"} (indices into tokens)
-    verb: dict  # {"as_written", "correct", "wrong", "token_position"}
-    number: str | None  # the subject's number, None when its noun is not in the lexicon
-    distance: int  # tokens from the subject's last token to the verb
-    agreement: dict  # {"verdict": "correct" | "wrong" | None, "correct_logprob", "wrong_logprob"}
-    attention_to_subject: list[list[float]] | None  # [layer][head]; None for an LSTM
-    best_head: dict | None  # {"layer", "head", "weight"}
 
 
 # -- decoding internals -------------------------------------------------------------------------------
@@ -476,110 +211,6 @@ class _DecodeBatcher:
                 del self._runs[request]
 
 
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is a proper start of some stop string."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
-
-
-class _Row:
-    """One sample of a completion as its tokens arrive: its text, cut before the first stop
-    string; what of it is safe to hand out (no incomplete UTF-8 character at the end, nothing that
-    may yet turn into a stop string); one logprob record and text offset per token of the text.
-
-    Decoding is incremental: only the tokens after the last complete character are decoded again
-    (byte-level BPE: the text of ids[:k] followed by that of ids[k:] is the text of ids when the
-    former ends on a character boundary), so a row costs linear, not quadratic, time.
-    """
-
-    def __init__(self, tokenizer, stops: Sequence[str] = (), end_id: int | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.stops = tuple(stops)
-        self.end_id = end_id  # the token that ends the row (end-of-text), excluded from the text
-        self.generated: list[int] = []  # every sampled id: end-of-text and stop-string ones too
-        self.ids: list[int] = []  # ids whose text makes up the completion
-        self.offsets: list[int] = []  # where each id's text starts in `text`
-        self.records: list[tuple | None] = []  # (token string, logprob, {token: logprob})
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.cut = False  # a stop string cut the text (tokens past the cut are not reported)
-        self.emitted = 0  # characters of text handed out
-        self.emitted_tokens = 0  # records handed out
-        self.closed = False  # the last delta (with finish_reason) went out
-        self._clean = 0  # ids[:_clean] decode to _clean_text, which ends on a whole character
-        self._clean_text = ""
-        self._longest_stop = max((len(s) for s in self.stops), default=0)
-
-    def add(self, token_id: int, record: tuple | None = None) -> None:
-        self.generated.append(token_id)
-        if token_id == self.end_id:
-            self.finish_reason = "stop"
-            return
-        previous, shared = self.text, len(self._clean_text)
-        self.ids.append(token_id)
-        self.records.append(record)
-        tail = self.tokenizer.decode(self.ids[self._clean :])
-        self.text = self._clean_text + tail
-        if not tail.endswith(_REPLACEMENT):
-            self._clean, self._clean_text = len(self.ids), self.text
-        # the token's text starts where the old and new texts part; a token that completes a
-        # character started by earlier ones moves their offsets back to that character
-        limit = min(len(previous), len(self.text))
-        while shared < limit and previous[shared] == self.text[shared]:
-            shared += 1
-        for j in range(len(self.offsets) - 1, -1, -1):
-            if self.offsets[j] <= shared:
-                break
-            self.offsets[j] = shared
-        self.offsets.append(shared)
-        if self.stops:
-            start = max(0, len(previous.rstrip(_REPLACEMENT)) - self._longest_stop + 1)
-            found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if found:
-                self.text = self.text[: min(found)]
-                self.finish_reason, self.cut = "stop", True
-
-    def take(self) -> tuple[str, list[tuple], list[int]]:
-        """The text newly safe to hand out, and the records and offsets of the tokens whose text
-        starts in it (all that is left once the row has finished)."""
-        if self.finish_reason is not None:
-            limit = len(self.text)
-        else:
-            limit = len(self.text.rstrip(_REPLACEMENT))
-            limit -= _stop_prefix_length(self.text[:limit], self.stops)
-        limit = max(limit, self.emitted)
-        text = self.text[self.emitted : limit]
-        if self.finish_reason is not None and not self.cut:
-            n_tokens = len(self.offsets)
-        else:  # tokens starting at or past a stop string's cut are not reported
-            n_tokens = max(bisect.bisect_left(self.offsets, limit), self.emitted_tokens)
-        records = self.records[self.emitted_tokens : n_tokens]
-        offsets = self.offsets[self.emitted_tokens : n_tokens]
-        self.emitted, self.emitted_tokens = limit, n_tokens
-        return text, records, offsets
-
-
-def _logprobs_dict(records: Sequence[tuple | None], offsets: Sequence[int], base: int) -> dict:
-    """OpenAI legacy-completions logprobs of tokens; text offsets shifted by `base`."""
-    return {
-        "tokens": [r[0] for r in records],
-        "token_logprobs": [r[1] for r in records],
-        "top_logprobs": [r[2] for r in records],
-        "text_offset": [base + o for o in offsets],
-    }
-
-
-def _join_logprobs(first: dict | None, second: dict) -> dict:
-    if first is None:
-        return second
-    return {key: first[key] + second[key] for key in second}
-
-
 @dataclass
 class _Run:
     """The state of one completion's decoding, shared by `complete` and `stream`."""
@@ -587,7 +218,7 @@ class _Run:
     prompt: str
     prompt_ids: list[int]
     params: CompletionParams
-    rows: list[_Row]
+    rows: list[Row]
     prefill: list[torch.Tensor] = field(default_factory=list)  # (L, n, H, T, T)
     attention_rows: list[torch.Tensor] = field(default_factory=list)  # (L, n, H, 1, T + i + 1)
 
@@ -625,9 +256,12 @@ class Engine:
         self.info = loaded.info
         self.model_name = Path(artifact).resolve().name
         self.max_context = self.config.block_size
+        self._forwards = TextForwards(
+            self.model, self.tokenizer.vocab_size, self.max_context, self.device
+        )
         if max_tokens_limit is None:
             max_tokens_limit = self.max_context
-        if not _is_int(max_tokens_limit) or max_tokens_limit < 1:
+        if not is_int(max_tokens_limit) or max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
         self.max_tokens_limit = max_tokens_limit
         self._lock = threading.Lock()  # held by KV-cache forwards (see _DecodeModel)
@@ -644,7 +278,7 @@ class Engine:
     def encode(self, text: str, param: str = "text") -> list[int]:
         """Token ids of `text`; EngineError when it is not a string, empty, or over the context."""
         if not isinstance(text, str):
-            raise _invalid(f"{param} must be a string", param)
+            raise invalid(f"{param} must be a string", param)
         if not text:
             raise EngineError(f"{param} must not be empty", param=param, code="empty_text")
         ids = self.tokenizer.encode(text)
@@ -657,28 +291,15 @@ class Engine:
         return ids
 
     def check_attention_options(self, options: AttentionOptions) -> None:
-        """EngineError (code "out_of_range") for a layer or head the model does not have."""
-        if not isinstance(options, AttentionOptions):
-            raise _invalid("attention options must be AttentionOptions", "attention")
-        if not self.model.has_attention:
-            raise EngineError(
-                f"model {self.model_name!r} is an {self.config.arch.upper()}: it has no "
-                "attention maps (next-token and completions without return_attention work)",
-                param="return_attention",
-                code="attention_unavailable",
-            )
-        for name, values, count in (
-            ("layers", options.layers, self.config.n_layer),
-            ("heads", options.heads, self.config.n_head),
-        ):
-            bad = [i for i in values or () if not 0 <= i < count]
-            if bad:
-                raise EngineError(
-                    f"{name} {bad} out of range: the model has {count} {name}, "
-                    f"indices 0..{count - 1}",
-                    param=name,
-                    code="out_of_range",
-                )
+        """EngineError for options this model cannot answer: code "attention_unavailable"
+        without attention maps, "out_of_range" for a layer or head it does not have."""
+        check_attention_options(self.config, options, self.model_name)
+
+    def check_top_k(self, top_k: int) -> None:
+        """EngineError unless 1 <= top_k <= the tokenizer's vocabulary (next-token alternatives)."""
+        vocab = self.tokenizer.vocab_size
+        if not is_int(top_k) or not 1 <= top_k <= vocab:
+            raise invalid(f"top_k must be an integer in 1..{vocab}, got {top_k!r}", "top_k")
 
     def _check_completion(self, prompt: str, params: CompletionParams) -> list[int]:
         if not isinstance(params, CompletionParams):
@@ -694,61 +315,15 @@ class Engine:
         return self.encode(prompt, param="prompt")
 
     # -- one-forward endpoints ----------------------------------------------------------------------
-    def _forward(self, rows: list[list[int]], return_attention: bool = False) -> GPTOutput:
-        """One forward over right-padded rows; logits cut to the tokenizer's vocabulary."""
-        idx = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)  # (B, T)
-        for b, ids in enumerate(rows):
-            idx[b, : len(ids)] = torch.tensor(ids)
-        out = self.model(idx.to(self.device), return_attention=return_attention)
-        return out._replace(logits=out.logits[..., : self.tokenizer.vocab_size])
-
-    def _batches(self, rows: list[list[int]], return_attention: bool = False):
-        """Batched forwards over `rows`: yields (placements, GPTOutput), where a placement
-        (i, r, s) says that rows[i] sits in row r of the output from position s.
-
-        Attention models pack: texts side by side in rows of `PACK_TOKENS`, each with its own
-        positions and attending only to itself (`segments`), so one forward of nearly no padding
-        serves them all (texts of 4 to 27 tokens: 1.5x faster than length buckets). A model
-        without attention (the LSTM) cannot: rows sorted by length are cut into buckets whose
-        right padding stays under `MAX_PADDING` of their tokens.
-        """
-        lengths = [len(r) for r in rows]
-        if not self.model.has_attention:
-            for bucket in length_buckets(lengths, MAX_PADDING):
-                placements = [(i, b, 0) for b, i in enumerate(bucket)]
-                yield placements, self._forward([rows[i] for i in bucket], return_attention)
-            return
-        packed = pack_rows(lengths, min(max(max(lengths), PACK_TOKENS), self.max_context))
-        width = max(sum(lengths[i] for i in row) for row in packed)
-        idx = torch.zeros(len(packed), width, dtype=torch.long)  # (B, T)
-        segments = torch.full((len(packed), width), -1, dtype=torch.long)  # padding: its own
-        placements = []
-        for r, row in enumerate(packed):
-            start = 0
-            for i in row:
-                n = lengths[i]
-                idx[r, start : start + n] = torch.tensor(rows[i])
-                segments[r, start : start + n] = i
-                placements.append((i, r, start))
-                start += n
-        out = self.model(
-            idx.to(self.device),
-            return_attention=return_attention,
-            segments=segments.to(self.device),
-        )
-        yield placements, out._replace(logits=out.logits[..., : self.tokenizer.vocab_size])
-
     @torch.inference_mode()
-    def next_token(self, texts: list[str], top_k: int = 10) -> list[NextToken]:
+    def next_token(self, texts: list[str], top_k: int = DEFAULT_TOP_K) -> list[NextToken]:
         """The `top_k` most likely next tokens after each text, from one packed forward."""
-        vocab = self.tokenizer.vocab_size
-        if not _is_int(top_k) or not 1 <= top_k <= vocab:
-            raise _invalid(f"top_k must be an integer in 1..{vocab}, got {top_k!r}", "top_k")
+        self.check_top_k(top_k)
         rows = [self.encode(text) for text in texts]
         if not rows:
             return []
         logits = torch.empty(len(rows), self.tokenizer.vocab_size, device=self.device)  # (B, V)
-        for placements, out in self._batches(rows):
+        for placements, out in self._forwards.batches(rows):
             at = torch.tensor([(r, s + len(rows[i]) - 1) for i, r, s in placements])  # (n, 2)
             at = at.to(self.device)
             logits[[i for i, _, _ in placements]] = out.logits[at[:, 0], at[:, 1]].float()
@@ -768,24 +343,6 @@ class Engine:
             ]
             results.append(NextToken(self.tokenizer.token_strings(ids), ids, top))
         return results
-
-    def attention_map(
-        self, token_ids: list[int], att: torch.Tensor, options: AttentionOptions
-    ) -> AttentionMap:
-        """The selected, aggregated and encoded map of one text's att (L, H, T, T)."""
-        layers = list(range(self.config.n_layer)) if options.layers is None else options.layers
-        heads = list(range(self.config.n_head)) if options.heads is None else options.heads
-        data = select_attention(att, layers, heads, options.aggregation)
-        return AttentionMap(
-            tokens=self.tokenizer.token_strings(token_ids),
-            token_ids=list(token_ids),
-            n_layers=self.config.n_layer,
-            n_heads=self.config.n_head,
-            layers=list(layers),
-            heads=list(heads),
-            aggregation=options.aggregation,
-            attention=encode_array(data, options.encoding, options.decimals),
-        )
 
     @torch.inference_mode()
     def attention(
@@ -814,12 +371,16 @@ class Engine:
         if not rows:
             return []
         maps: list[AttentionMap | None] = [None] * len(rows)
-        for placements, out in self._batches(rows, return_attention=True):
+        for placements, out in self._forwards.batches(rows, return_attention=True):
             att = out.attention  # (L, rows, H, T, T)
             for i, r, s in placements:
                 n = len(rows[i])
-                maps[i] = self.attention_map(
-                    rows[i], att[:, r, :, s : s + n, s : s + n], options[i]
+                maps[i] = attention_map(
+                    self.tokenizer,
+                    self.config,
+                    rows[i],
+                    att[:, r, :, s : s + n, s : s + n],
+                    options[i],
                 )
         return maps
 
@@ -829,54 +390,8 @@ class Engine:
         """The agreement probe on one sentence (`attnlm.probe`): subject and main verb found in
         `text` (or named), whether the model prefers the verb form that agrees with the subject,
         and each head's attention from the verb-predicting position to the subject."""
-        ids = self.encode(text)
-        for name, word in (("subject", subject), ("verb", verb)):
-            if word is not None and (not isinstance(word, str) or not word.strip()):
-                raise _invalid(f"{name} must be a non-empty string or null", name)
-        try:
-            item = analyze(self.tokenizer, text, subject, verb)
-        except ProbeError as err:
-            raise EngineError(str(err), param=err.param or "text", code="probe_failed") from err
-        needed = 1 + len(item.prefix_ids) + max(len(item.verb_ids), len(item.wrong_ids or []))
-        if needed > self.max_context:
-            raise EngineError(
-                f"text up to the verb with its forms is {needed} tokens (with the end-of-text "
-                f"token before it); the context window is {self.max_context} tokens",
-                param="text",
-                code="context_length_exceeded",
-            )
-        score = score_items(
-            self.model, [item], self.tokenizer.eot_id, vocab_size=self.tokenizer.vocab_size
-        )[0]
-        best = None
-        att = score.attention_to_subject
-        if att is not None:
-            layer, head = divmod(int(att.argmax()), att.size(1))
-            best = {"layer": layer, "head": head, "weight": round(float(att[layer, head]), 4)}
-        verdict = None if score.correct is None else ("correct" if score.correct else "wrong")
-        return ProbeResult(
-            tokens=self.tokenizer.token_strings(ids),
-            token_ids=ids,
-            subject={"text": item.subject, "token_positions": item.subject_positions},
-            verb={
-                "as_written": item.written_verb,
-                "correct": item.verb,
-                "wrong": item.wrong_verb,
-                "token_position": item.verb_position,
-            },
-            number=item.number,
-            distance=item.distance,
-            agreement={
-                "verdict": verdict,
-                "correct_logprob": round(score.correct_logprob, 4),
-                "wrong_logprob": None
-                if score.wrong_logprob is None
-                else round(score.wrong_logprob, 4),
-            },
-            attention_to_subject=None
-            if att is None
-            else [[round(float(x), 4) for x in row] for row in att],
-            best_head=best,
+        return probe_sentence(
+            self.model, self.tokenizer, self.max_context, text, self.encode(text), subject, verb
         )
 
     # -- completions ------------------------------------------------------------------------------------
@@ -892,7 +407,7 @@ class Engine:
             text, records, offsets = row.take()
             logprobs = None
             if params.logprobs is not None:
-                logprobs = _join_logprobs(echo_logprobs, _logprobs_dict(records, offsets, base))
+                logprobs = join_logprobs(echo_logprobs, logprobs_dict(records, offsets, base))
             choice = Choice(
                 text=prompt + text if params.echo else text,
                 index=index,
@@ -943,7 +458,7 @@ class Engine:
             return None
         logprobs = None
         if run.params.logprobs is not None:
-            logprobs = _logprobs_dict(records, offsets, base)
+            logprobs = logprobs_dict(records, offsets, base)
         delta = CompletionDelta(index, text, row.finish_reason, logprobs)
         if row.finish_reason is not None:
             row.closed = True
@@ -954,7 +469,7 @@ class Engine:
 
     def _start(self, prompt: str, params: CompletionParams) -> _Run:
         prompt_ids = self._check_completion(prompt, params)
-        rows = [_Row(self.tokenizer, params.stop, self.tokenizer.eot_id) for _ in range(params.n)]
+        rows = [Row(self.tokenizer, params.stop, self.tokenizer.eot_id) for _ in range(params.n)]
         return _Run(prompt, prompt_ids, params, rows)
 
     def _steps(self, run: _Run) -> Iterator[None]:
@@ -979,7 +494,7 @@ class Engine:
         try:
             for step in steps:
                 tokens = step.tokens.tolist()
-                records = self._step_records(step.tokens, step.logits, params.logprobs)
+                records = token_records(self.tokenizer, step.tokens, step.logits, params.logprobs)
                 if step.attention is not None:
                     run.attention_rows.append(step.attention)
                 for row, token, record in zip(run.rows, tokens, records, strict=True):
@@ -995,51 +510,13 @@ class Engine:
                 row.finish_reason = "length"
 
     @torch.inference_mode()
-    def _step_records(
-        self, tokens: torch.Tensor, logits: torch.Tensor, k: int | None
-    ) -> list[tuple | None]:
-        """Per row: (chosen token's string, its logprob, {string: logprob} of the top k and the
-        chosen one), or None without logprobs."""
-        if k is None:
-            return [None] * tokens.size(0)
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # (n, V)
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()  # (n,)
-        top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # (n, k)
-        top_logprobs, top_ids = top_logprobs.tolist(), top_ids.tolist()
-        ids = tokens.tolist()
-        strings = self.tokenizer.token_strings(ids + [i for row in top_ids for i in row])
-        records = []
-        for b in range(len(ids)):
-            token_string = strings[b]
-            start = len(ids) + b * k
-            top = dict(zip(strings[start : start + k], top_logprobs[b], strict=True))
-            top.setdefault(token_string, chosen[b])
-            records.append((token_string, chosen[b], top))
-        return records
-
-    @torch.inference_mode()
     def _prompt_logprobs(self, run: _Run) -> dict | None:
         """Logprobs of the prompt's tokens (the first has none), for echo with logprobs."""
         k = run.params.logprobs
         if not run.params.echo or k is None:
             return None
-        ids = run.prompt_ids
-        logprobs = F.log_softmax(self._forward([ids]).logits[0].float(), dim=-1)  # (T, V)
-        records: list[tuple | None] = [None] * len(ids)
-        for i in range(1, len(ids)):
-            records[i] = self._step_records(
-                torch.tensor([ids[i]], device=logprobs.device), logprobs[i - 1 : i], k
-            )[0]
-        strings = self.tokenizer.token_strings(ids)
-        prompt_row = _Row(self.tokenizer)
-        for token in ids:
-            prompt_row.add(token)
-        return {
-            "tokens": strings,
-            "token_logprobs": [None if r is None else r[1] for r in records],
-            "top_logprobs": [None if r is None else r[2] for r in records],
-            "text_offset": prompt_row.offsets,
-        }
+        logits = self._forwards.padded([run.prompt_ids]).logits[0]  # (T, V)
+        return prompt_logprobs(self.tokenizer, run.prompt_ids, logits, k)
 
     @torch.inference_mode()
     def _row_attention(self, run: _Run, index: int) -> AttentionMap:
@@ -1053,5 +530,5 @@ class Engine:
                 [r[:, index : index + 1] for r in run.attention_rows[: len(row.generated)]],
             )[:, 0]  # (L, H, T + g, T + g)
         else:  # the prompt filled the context: nothing was decoded
-            full = self._forward([ids], return_attention=True).attention[:, 0]
-        return self.attention_map(ids, full, run.params.attention)
+            full = self._forwards.padded([ids], return_attention=True).attention[:, 0]
+        return attention_map(self.tokenizer, self.config, ids, full, run.params.attention)

@@ -1,14 +1,49 @@
 """Pydantic request models of the HTTP API (docs/serving.md) and OpenAI's error body.
 
 Requests are strict (a string where a number belongs is a 400, not a silent cast) and reject
-unknown fields, except the OpenAI completion fields we accept for client compatibility.
+unknown fields, except the OpenAI completion fields we accept for client compatibility. Bounds,
+defaults and choices come from `serving.limits`, the constants the engine checks, so the OpenAPI
+schema (/openapi.json) states the constraints requests meet; what depends on the model (the
+context window, `top_k` up to the vocabulary, layer and head indices) the engine checks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
+
+from serving.limits import (
+    DEFAULT_DECIMALS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TOP_K,
+    MAX_DECIMALS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP,
+    MAX_TEMPERATURE,
+    Aggregation,
+    Encoding,
+)
+
+
+def _listed(value: Any) -> Any:
+    """One stop string as a list of one (OpenAI takes a string or a list)."""
+    return [value] if isinstance(value, str) else value
+
+
+_StopList = Annotated[list[StrictStr], Field(max_length=MAX_STOP)]
+StopStrings = Annotated[
+    _StopList | None, BeforeValidator(_listed, json_schema_input_type=StrictStr | _StopList | None)
+]
 
 
 class _Strict(BaseModel):
@@ -18,9 +53,9 @@ class _Strict(BaseModel):
 class AttentionOptionsModel(_Strict):
     layers: list[StrictInt] | None = None
     heads: list[StrictInt] | None = None
-    aggregation: Literal["none", "mean", "rollout"] = "none"
-    encoding: Literal["json", "base64"] = "json"
-    decimals: StrictInt = Field(4, ge=0, le=8)
+    aggregation: Aggregation = "none"
+    encoding: Encoding = "json"
+    decimals: StrictInt = Field(DEFAULT_DECIMALS, ge=0, le=MAX_DECIMALS)
 
 
 class AttentionRequest(AttentionOptionsModel):
@@ -31,7 +66,7 @@ class AttentionRequest(AttentionOptionsModel):
 class NextTokenRequest(_Strict):
     model: StrictStr | None = None
     text: StrictStr
-    top_k: StrictInt = Field(10, ge=1)
+    top_k: StrictInt = Field(DEFAULT_TOP_K, ge=1)
 
 
 class ProbeRequest(_Strict):
@@ -44,16 +79,16 @@ class ProbeRequest(_Strict):
 class CompletionRequest(_Strict):
     model: StrictStr
     prompt: StrictStr | list[StrictStr]
-    max_tokens: StrictInt | None = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: StrictInt | None = Field(DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(None, ge=1)
-    n: StrictInt = Field(1, ge=1, le=16)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=5)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StopStrings = None  # a string is a list of one
     seed: StrictInt | None = None
     user: StrictStr | None = None
     # OpenAI fields without an effect here: accepted at their neutral values only

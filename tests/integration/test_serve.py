@@ -169,6 +169,25 @@ def test_concurrent_requests_batch_and_equal_lone_ones(server):
         assert together[-1].json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_bad_parameter_among_concurrent_requests_fails_alone(server):
+    """A parameter only the engine can check (top_k past the vocabulary, a layer the model does
+    not have) fails its own request, batched or not, and not the others."""
+
+    async def burst(path: str, bodies: list[dict]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(server.base_url), timeout=60) as client:
+            return await asyncio.gather(*[client.post(path, json=b) for b in bodies])
+
+    cases = [
+        ("/v1/next-token", "top_k", {"top_k": 3}, {"top_k": 100000}),
+        ("/v1/attention", "layers", {}, {"layers": [5]}),
+    ]
+    for path, param, good, bad in cases:
+        bodies = [{"text": f"The cat {i}", **good} for i in range(4)] + [{"text": "A", **bad}]
+        together = asyncio.run(burst(path, bodies))
+        assert [r.status_code for r in together] == [200] * 4 + [400], path
+        assert together[-1].json()["error"]["param"] == param
+
+
 def test_attention_json_and_base64(server):
     text = "The cat that was sitting on the mat jumps."
     response = server.post("/v1/attention", json={"text": text, "decimals": 6})
@@ -265,6 +284,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p", ""),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p", ""),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": 0}, 400, "top_k", ""),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 17}, 400, "n", "16"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 6}, 400, "logprobs", "5"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["."] * 5}, 400, "stop", "4"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": 42}, 400, "stop", ""),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop", ""),
+    ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt", "empty list"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "gpt-4"),
     ("/v1/completions", {"prompt": "x"}, 400, "model", "missing"),
     ("/v1/attention", {"text": "The cat", "layers": [5]}, 400, "layers", ""),
@@ -272,6 +297,9 @@ BAD_REQUESTS = [
     ("/v1/attention", {"text": "The cat", "aggregation": "max"}, 400, "aggregation", ""),
     ("/v1/attention", {"text": ""}, 400, "text", ""),
     ("/v1/next-token", {"text": "The cat", "top_k": 0}, 400, "top_k", ""),
+    ("/v1/next-token", {"text": "The cat", "top_k": 100000}, 400, "top_k", "1.."),
+    ("/v1/attention", {"text": "The cat", "decimals": 9}, 400, "decimals", "8"),
+    ("/v1/attention", {"text": "The cat", "encoding": "xml"}, 400, "encoding", ""),
     ("/v1/next-token", {"text": 42}, 400, "text", ""),
     ("/v1/probe", {"text": "Nothing here runs."}, 400, "subject", "no noun"),
     ("/v1/probe", {"text": "The cat sleeps.", "verb": "flies"}, 400, "verb", "flies"),

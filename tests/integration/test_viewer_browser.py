@@ -134,8 +134,7 @@ class _Api:
         return {"model": self.engine.model_name, **dataclasses.asdict(result)}
 
     def completions(self, body: Any) -> dict:
-        from serving.app import _attention_options
-        from serving.engine import CompletionParams
+        from serving.app import _completion_params
         from serving.schemas import CompletionRequest
 
         req = CompletionRequest.model_validate(body)
@@ -143,14 +142,7 @@ class _Api:
         assert isinstance(req.prompt, str) and not req.stream, (
             "the page sends one prompt, no stream"
         )
-        attention = _attention_options(req.return_attention)
-        params = CompletionParams(
-            max_tokens=req.max_tokens or 16,
-            temperature=req.temperature,
-            seed=req.seed,
-            attention=attention,
-        )
-        result = self.engine.complete(req.prompt, params)
+        result = self.engine.complete(req.prompt, _completion_params(req))
         choices = []
         for c in result.choices:
             entry = {

@@ -1,8 +1,6 @@
 """serving.engine on a tiny untrained artifact: maps equal the model's, completions equal the
 full forward's argmax, streams equal completions, bad input is an EngineError naming its param."""
 
-import base64
-
 import numpy as np
 import pytest
 import torch
@@ -18,10 +16,8 @@ from serving.engine import (
     CompletionParams,
     Engine,
     EngineError,
-    _Row,
-    encode_array,
-    rollout,
 )
+from tests.unit.test_attention_maps import decoded
 
 EXTRA_IDS = 5  # model vocabulary past the tokenizer's: ids without text
 TEXTS = ["The cats near the dog sleep.", "A dog", " "]
@@ -45,13 +41,6 @@ def full_attention(engine: Engine, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         out = engine.model(torch.tensor([ids]), return_attention=True)
     return out.attention[:, 0]  # (L, H, T, T)
-
-
-def decoded(attention: dict) -> np.ndarray:
-    if attention["encoding"] == "json":
-        return np.array(attention["data"], dtype=np.float64)
-    raw = base64.b64decode(attention["data"])
-    return np.frombuffer(raw, dtype="<f2").reshape(attention["shape"]).astype(np.float64)
 
 
 def test_engine_loads_artifact(engine):
@@ -122,41 +111,11 @@ def test_layer_and_head_selection_and_mean(engine):
     np.testing.assert_allclose(decoded(mean.attention), full.mean(axis=1)[[1, 0]], atol=1e-6)
 
 
-def test_rollout_rows_sum_to_one_and_match_hand_computation():
-    torch.manual_seed(0)
-    att = torch.rand(2, 3, 5, 5).tril()
-    att = att / att.sum(-1, keepdim=True)  # (L, H, T, T) causal, row-stochastic
-    result = rollout(att)
-    assert result.shape == (2, 5, 5)
-    torch.testing.assert_close(result.sum(-1), torch.ones(2, 5))
-    eye = torch.eye(5)
-    first = 0.5 * att[0].mean(0) + 0.5 * eye  # rows already sum to 1
-    torch.testing.assert_close(rollout(att[:1])[0], first)
-    second = 0.5 * att[1].mean(0) + 0.5 * eye
-    torch.testing.assert_close(result[1], second @ first)
-
-
 def test_rollout_endpoint_rows_sum_to_one(engine):
     (att_map,) = engine.attention([TEXTS[0]], AttentionOptions(aggregation="rollout", decimals=8))
     data = decoded(att_map.attention)
     assert data.shape[0] == 2
     np.testing.assert_allclose(data.sum(-1), 1.0, atol=1e-6)
-
-
-def test_encode_array_json_and_base64():
-    t = torch.tensor([[0.123456, 1.0], [0.5, -2.25]])
-    as_json = encode_array(t, "json", 2)
-    data = as_json.pop("data")
-    assert as_json == {"encoding": "json", "shape": [2, 2], "dtype": "float32"}
-    # a contiguous array the server writes as nested lists of the rounded values
-    assert isinstance(data, np.ndarray) and data.flags.c_contiguous
-    assert data.tolist() == [[0.12, 1.0], [0.5, -2.25]]
-    from serving.app import dumps
-
-    assert dumps(data) == b"[[0.12,1.0],[0.5,-2.25]]"
-    as_b64 = encode_array(t, "base64", 4)
-    assert as_b64["dtype"] == "float16" and as_b64["shape"] == [2, 2]
-    np.testing.assert_array_equal(decoded(as_b64), t.half().double().numpy())
 
 
 def test_completion_attention_equals_full_forward_map(engine):
@@ -232,30 +191,6 @@ def test_echo_prepends_prompt_with_logprobs(engine):
     assert lp["tokens"] == strings
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert lp["text_offset"] == [sum(map(len, strings[:i])) for i in range(len(strings))]
-
-
-def test_row_holds_back_incomplete_characters_and_stop_prefixes(engine):
-    tok = engine.tokenizer
-    text = "héllo wörld ünd mehr"
-    ids = tok.encode(text)
-    assert "\ufffd" in tok.token_strings(ids)  # characters split across tokens
-    for stops, expected in [((), text), (("xyz", "d me"), text[: text.find("d me")])]:
-        row = _Row(tok, stops)
-        pieces = []
-        for token in ids:
-            row.add(token)
-            piece, _, _ = row.take()
-            assert "\ufffd" not in piece and (not stops or "d m" not in piece)
-            pieces.append(piece)
-            if row.finish_reason:
-                break
-        row.finish_reason = row.finish_reason or "length"
-        pieces.append(row.take()[0])
-        assert "".join(pieces) == expected
-    row = _Row(tok)
-    for token in tok.encode("héllo"):  # h, é's two bytes, l, lo
-        row.add(token)
-    assert row.offsets == [0, 1, 1, 2, 3]
 
 
 def test_next_token_batched_equals_single(engine):
@@ -352,29 +287,6 @@ def test_interleaved_streams_keep_their_own_kv_cache(engine):
                 active[i] = delta is not None
                 texts[i] += delta.text if delta else ""
     assert texts == expected
-
-
-def test_length_buckets_bound_padding_and_cover_every_row():
-    from serving.engine import length_buckets
-
-    lengths = [4, 27, 5, 26, 12, 13, 4, 25]
-    buckets = length_buckets(lengths, max_padding=0.2)
-    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
-    for bucket in buckets:
-        longest = max(lengths[i] for i in bucket)
-        assert 1 - sum(lengths[i] for i in bucket) / (longest * len(bucket)) <= 0.2
-    assert len(length_buckets(lengths, max_padding=1.0)) == 1
-
-
-def test_pack_rows_fills_rows_first_fit_and_places_every_text_once():
-    from serving.engine import pack_rows
-
-    lengths = [4, 27, 5, 26, 12, 13, 4, 25, 70]
-    rows = pack_rows(lengths, capacity=32)
-    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    for row in rows:
-        assert sum(lengths[i] for i in row) <= 32 or row == [8]  # 70 tokens: a row of its own
-    assert rows == [[8], [1, 2], [3, 0], [7, 6], [5, 4]]  # first fit by decreasing length
 
 
 def test_many_texts_packed_equal_each_text_alone(engine):

@@ -1,0 +1,112 @@
+"""Forwards over whole texts (no KV cache) for next-token and attention: many texts in few
+forwards, packed side by side in rows, or in length buckets for a model that cannot pack.
+
+    forwards = TextForwards(model, tokenizer.vocab_size, max_context=64, device="cpu")
+    for placements, out in forwards.batches(rows, return_attention=True):
+        ...  # (i, r, s): rows[i] is row r of `out` from position s
+
+Logits come cut to the tokenizer's vocabulary (the model's may be padded past it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from attnlm.model import GPT, LSTMLM, GPTOutput
+
+MAX_PADDING = 0.2  # a length bucket may be this fraction padding (models that cannot pack)
+PACK_TOKENS = 64  # packed rows hold this many tokens (or the longest text, if longer)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices packed into rows of at most `capacity` tokens, first fit by decreasing length
+    (a text longer than `capacity` gets a row of its own)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(max(capacity - lengths[i], 0))
+    return rows
+
+
+def length_buckets(lengths: list[int], max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Indices grouped into buckets of similar length (longest first), each padded to its
+    longest row with at most `max_padding` of its tokens being padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            bucket = buckets[-1]
+            longest = lengths[bucket[0]]
+            real = sum(lengths[j] for j in bucket) + lengths[i]
+            if 1 - real / (longest * (len(bucket) + 1)) <= max_padding:
+                bucket.append(i)
+                continue
+        buckets.append([i])
+    return buckets
+
+
+class TextForwards:
+    """The model's forwards over token rows of whole texts, on one device."""
+
+    def __init__(
+        self, model: GPT | LSTMLM, vocab_size: int, max_context: int, device: torch.device
+    ) -> None:
+        self.model = model
+        self.vocab_size = vocab_size  # the tokenizer's: logits past it are cut off
+        self.max_context = max_context
+        self.device = device
+
+    def padded(self, rows: list[list[int]], return_attention: bool = False) -> GPTOutput:
+        """One forward over right-padded rows; logits cut to the tokenizer's vocabulary."""
+        idx = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)  # (B, T)
+        for b, ids in enumerate(rows):
+            idx[b, : len(ids)] = torch.tensor(ids)
+        out = self.model(idx.to(self.device), return_attention=return_attention)
+        return out._replace(logits=out.logits[..., : self.vocab_size])
+
+    def batches(
+        self, rows: list[list[int]], return_attention: bool = False
+    ) -> Iterator[tuple[list[tuple[int, int, int]], GPTOutput]]:
+        """Batched forwards over `rows`: yields (placements, GPTOutput), where a placement
+        (i, r, s) says that rows[i] sits in row r of the output from position s.
+
+        Attention models pack: texts side by side in rows of `PACK_TOKENS`, each with its own
+        positions and attending only to itself (`segments`), so one forward of nearly no padding
+        serves them all (texts of 4 to 27 tokens: 1.5x faster than length buckets). A model
+        without attention (the LSTM) cannot: rows sorted by length are cut into buckets whose
+        right padding stays under `MAX_PADDING` of their tokens.
+        """
+        lengths = [len(r) for r in rows]
+        if not self.model.has_attention:
+            for bucket in length_buckets(lengths, MAX_PADDING):
+                placements = [(i, b, 0) for b, i in enumerate(bucket)]
+                yield placements, self.padded([rows[i] for i in bucket], return_attention)
+            return
+        packed = pack_rows(lengths, min(max(max(lengths), PACK_TOKENS), self.max_context))
+        width = max(sum(lengths[i] for i in row) for row in packed)
+        idx = torch.zeros(len(packed), width, dtype=torch.long)  # (B, T)
+        segments = torch.full((len(packed), width), -1, dtype=torch.long)  # padding: its own
+        placements = []
+        for r, row in enumerate(packed):
+            start = 0
+            for i in row:
+                n = lengths[i]
+                idx[r, start : start + n] = torch.tensor(rows[i])
+                segments[r, start : start + n] = i
+                placements.append((i, r, start))
+                start += n
+        out = self.model(
+            idx.to(self.device),
+            return_attention=return_attention,
+            segments=segments.to(self.device),
+        )
+        yield placements, out._replace(logits=out.logits[..., : self.vocab_size])

@@ -1,0 +1,27 @@
+"""Every request limit and default of the API, written once.
+
+The engine's parameter checks (`serving.params`) and the HTTP layer's pydantic models
+(`serving.schemas`, whose bounds the OpenAPI schema at /openapi.json states) both import these;
+nothing else writes them. Limits that depend on the model (the context window, the vocabulary)
+are the engine's, read from the artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Aggregation = Literal["none", "mean", "rollout"]  # per head | mean over heads | attention rollout
+Encoding = Literal["json", "base64"]  # nested lists | little-endian float16 bytes
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
+
+DEFAULT_DECIMALS = 4  # rounding of "json"-encoded attention values
+MAX_DECIMALS = 8
+DEFAULT_TOP_K = 10  # next-token alternatives
+DEFAULT_MAX_TOKENS = 16  # tokens per completion (OpenAI's default)
+MAX_N = 16  # samples per completion request
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's legacy completions
+
+# HTTP only: the engine itself takes any number of stop strings and any temperature >= 0
+MAX_STOP = 4  # stop strings per completion request (OpenAI's limit)
+MAX_TEMPERATURE = 2.0  # OpenAI's range

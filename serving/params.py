@@ -1,0 +1,207 @@
+"""What goes into and comes out of `serving.engine.Engine`: request parameters (checked at
+construction, with the bounds of `serving.limits`), results, and `EngineError`.
+
+Plain dataclasses without torch, Ray or pydantic: the HTTP layer builds the parameters from its
+request models and writes the results as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from serving.limits import (
+    AGGREGATIONS,
+    DEFAULT_DECIMALS,
+    DEFAULT_MAX_TOKENS,
+    ENCODINGS,
+    MAX_DECIMALS,
+    MAX_LOGPROBS,
+    MAX_N,
+)
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve; the HTTP layer answers it with OpenAI's error body."""
+
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, status: int = 400
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def invalid(message: str, param: str) -> EngineError:
+    return EngineError(message, param=param, code="invalid_value")
+
+
+# -- request parameters ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What of the attention map to return; checked at construction (ranges by the engine)."""
+
+    layers: list[int] | None = None  # layer indices, None = all
+    heads: list[int] | None = None  # head indices, None = all
+    aggregation: str = "none"  # "none" (per head) | "mean" (over heads) | "rollout"
+    encoding: str = "json"  # "json" (nested lists) | "base64" (float16 bytes)
+    decimals: int = DEFAULT_DECIMALS  # rounding of json values, 0..MAX_DECIMALS
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "heads"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(is_int(i) for i in value)
+            ):
+                raise invalid(f"{name} must be a non-empty list of integers or null", name)
+            object.__setattr__(self, name, list(value))
+        if self.aggregation not in AGGREGATIONS:
+            raise invalid(
+                f"aggregation must be one of {', '.join(AGGREGATIONS)}; got {self.aggregation!r}",
+                "aggregation",
+            )
+        if self.encoding not in ENCODINGS:
+            raise invalid(
+                f"encoding must be one of {', '.join(ENCODINGS)}; got {self.encoding!r}", "encoding"
+            )
+        if not is_int(self.decimals) or not 0 <= self.decimals <= MAX_DECIMALS:
+            raise invalid(
+                f"decimals must be an integer in 0..{MAX_DECIMALS}, got {self.decimals!r}",
+                "decimals",
+            )
+
+
+@dataclass(frozen=True)
+class AttentionQuery:
+    """One text and what to return of its attention map (`Engine.attention` takes either these
+    or texts plus options)."""
+
+    text: str
+    options: AttentionOptions = field(default_factory=AttentionOptions)
+
+
+@dataclass(frozen=True)
+class CompletionParams:
+    """OpenAI legacy-completions sampling parameters; checked at construction (`max_tokens`'s
+    upper limit by the engine)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS  # 1..the engine's limit; the context may end a row sooner
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float | None = None  # nucleus sampling, in (0, 1]
+    top_k: int | None = None  # keep the k most likely tokens, >= 1
+    stop: Sequence[str] = ()  # the text ends before the first occurrence of any of these
+    seed: int | None = None  # reproducible sampling
+    n: int = 1  # samples, 1..MAX_N, decoded as one batch
+    echo: bool = False  # prepend the prompt to each choice's text
+    logprobs: int | None = None  # the chosen token's and this many (0..MAX_LOGPROBS) top logprobs
+    attention: AttentionOptions | None = None  # return the map over prompt + completion
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise invalid("stop must be a non-empty string or a list of them", "stop")
+        object.__setattr__(self, "stop", tuple(stop))
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise invalid(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
+            )
+        if not is_number(self.temperature) or not (
+            math.isfinite(self.temperature) and self.temperature >= 0
+        ):
+            raise invalid(f"temperature must be >= 0, got {self.temperature!r}", "temperature")
+        if self.top_p is not None and not (is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise invalid(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            raise invalid(f"top_k must be an integer >= 1, got {self.top_k!r}", "top_k")
+        if self.seed is not None and not is_int(self.seed):
+            raise invalid(f"seed must be an integer, got {self.seed!r}", "seed")
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise invalid(f"n must be an integer in 1..{MAX_N}, got {self.n!r}", "n")
+        if not isinstance(self.echo, bool):
+            raise invalid(f"echo must be a boolean, got {self.echo!r}", "echo")
+        if self.logprobs is not None and (
+            not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise invalid(
+                f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}",
+                "logprobs",
+            )
+        if self.attention is not None and not isinstance(self.attention, AttentionOptions):
+            raise invalid("attention must be AttentionOptions or None", "attention")
+
+
+# -- results -----------------------------------------------------------------------------------------
+@dataclass
+class NextToken:
+    tokens: list[str]  # the text's tokens, each decoded alone
+    token_ids: list[int]
+    top: list[dict]  # {"token", "token_id", "prob", "logprob"}, most likely first
+
+
+@dataclass
+class AttentionMap:
+    tokens: list[str]
+    token_ids: list[int]
+    n_layers: int  # of the model
+    n_heads: int
+    layers: list[int]  # the selected ones, in the order of the map's first axis
+    heads: list[int]
+    aggregation: str
+    attention: dict  # encode_array: {"encoding", "shape", "dtype", "data"}
+
+
+@dataclass
+class Choice:
+    text: str
+    index: int
+    finish_reason: str  # "stop" (end-of-text or a stop string) | "length"
+    logprobs: dict | None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    tokens: list[str] | None = None  # prompt + generated tokens, with attention only
+    attention: dict | None = None  # AttentionMap's fields over those tokens
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int  # every sampled token of every choice (end-of-text included)
+
+
+@dataclass
+class CompletionDelta:
+    index: int  # the choice
+    text: str  # new text of the choice (the prompt first, with echo)
+    finish_reason: str | None  # set on the choice's last delta
+    logprobs: dict | None  # of the tokens whose text starts in this delta
+    tokens: list[str] | None = None  # on the last delta, with attention only
+    attention: dict | None = None  # on the last delta, with attention only
+
+
+@dataclass
+class ProbeResult:
+    tokens: list[str]  # the text's tokens
+    token_ids: list[int]
+    subject: dict  # {"text", "token_positions"} (indices into tokens)
+    verb: dict  # {"as_written", "correct", "wrong", "token_position"}
+    number: str | None  # the subject's number, None when its noun is not in the lexicon
+    distance: int  # tokens from the subject's last token to the verb
+    agreement: dict  # {"verdict": "correct" | "wrong" | None, "correct_logprob", "wrong_logprob"}
+    attention_to_subject: list[list[float]] | None  # [layer][head]; None for an LSTM
+    best_head: dict | None  # {"layer", "head", "weight"}

@@ -1,0 +1,47 @@
+"""The deployment's runtime settings: Ray Serve's `user_config`, defaults written once.
+
+    settings = ServerSettings.from_user_config({"max_batch_size": 8})   # the rest: defaults
+    asdict(ServerSettings())          # the @serve.deployment's default user_config
+
+`serving.app` uses the defaults for `@serve.deployment(user_config=...)` and `@serve.batch(...)`,
+starts a replica with them and replaces them in `reconfigure`; configs/serve.yaml sets them for
+a deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+MAX_ONGOING_REQUESTS = 64  # requests Ray Serve hands one replica at once (>= max_batch_size)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """One replica's knobs; checked at construction (every error at once, naming each field)."""
+
+    max_batch_size: int = 16  # next-token / attention requests batched into one engine call
+    batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill
+    max_in_flight: int = 48  # requests inside the app; beyond, 503 with Retry-After
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name in ("max_batch_size", "max_in_flight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"{name} must be an integer >= 1, got {value!r}")
+        wait = self.batch_wait_timeout_s
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            errors.append(f"batch_wait_timeout_s must be a number >= 0, got {wait!r}")
+        if errors:
+            raise ValueError("invalid user_config: " + "; ".join(errors))
+
+    @classmethod
+    def from_user_config(cls, config: dict[str, Any] | None) -> ServerSettings:
+        """Settings from a deployment's user_config: the fields it names, defaults for the rest;
+        ValueError for unknown keys or bad values."""
+        config = dict(config or {})
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"invalid user_config: unknown key(s) {', '.join(unknown)}")
+        return cls(**config)

@@ -1,0 +1,67 @@
+"""serving.forwards: how texts share forwards (packed rows, length buckets) and that each text's
+logits and map are those of its own forward."""
+
+import pytest
+import torch
+
+from attnlm.config import GPTConfig
+from attnlm.model import build_model
+from serving.forwards import TextForwards, length_buckets, pack_rows
+
+VOCAB = 300  # the tokenizer's; the model's is padded past it
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_batches_place_every_row_once_with_its_own_logits(arch):
+    torch.manual_seed(0)
+    heads = 2 if arch == "transformer" else 1
+    config = GPTConfig(
+        vocab_size=VOCAB + 3, block_size=32, n_layer=2, n_head=heads, n_embd=16, arch=arch
+    )
+    model = build_model(config).eval()
+    forwards = TextForwards(model, VOCAB, max_context=32, device=torch.device("cpu"))
+    rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 17, 3, 9, 30, 1)]
+    seen, starts, forwards_run = [], [], 0
+    with torch.no_grad():
+        for placements, out in forwards.batches(rows, return_attention=arch == "transformer"):
+            forwards_run += 1
+            assert out.logits.size(-1) == VOCAB
+            for i, r, s in placements:
+                seen.append(i)
+                starts.append(s)
+                n = len(rows[i])
+                alone = forwards.padded([rows[i]], return_attention=arch == "transformer")
+                torch.testing.assert_close(
+                    out.logits[r, s : s + n], alone.logits[0], atol=1e-5, rtol=1e-4
+                )
+                if arch == "transformer":
+                    torch.testing.assert_close(
+                        out.attention[:, r, :, s : s + n, s : s + n],
+                        alone.attention[:, 0],
+                        atol=1e-5,
+                        rtol=1e-4,
+                    )
+    assert sorted(seen) == list(range(len(rows)))
+    if arch == "transformer":  # one forward, texts side by side in its rows
+        assert forwards_run == 1 and any(s > 0 for s in starts)
+    else:  # right-padded length buckets, each text from position 0
+        assert forwards_run > 1 and set(starts) == {0}
+
+
+def test_length_buckets_bound_padding_and_cover_every_row():
+    lengths = [4, 27, 5, 26, 12, 13, 4, 25]
+    buckets = length_buckets(lengths, max_padding=0.2)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        longest = max(lengths[i] for i in bucket)
+        assert 1 - sum(lengths[i] for i in bucket) / (longest * len(bucket)) <= 0.2
+    assert len(length_buckets(lengths, max_padding=1.0)) == 1
+
+
+def test_pack_rows_fills_rows_first_fit_and_places_every_text_once():
+    lengths = [4, 27, 5, 26, 12, 13, 4, 25, 70]
+    rows = pack_rows(lengths, capacity=32)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    for row in rows:
+        assert sum(lengths[i] for i in row) <= 32 or row == [8]  # 70 tokens: a row of its own
+    assert rows == [[8], [1, 2], [3, 0], [7, 6], [5, 4]]  # first fit by decreasing length
