@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from attnlm.model import GPT, LSTMLM, GPTOutput
+from attnlm.lstm import LSTMLM
+from attnlm.model import GPT, GPTOutput
 
 MAX_PADDING = 0.2  # a length bucket may be this fraction padding (models that cannot pack)
 PACK_TOKENS = 64  # packed rows hold this many tokens (or the longest text, if longer)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from attnlm.model import GPT, LSTMLM
+from attnlm.lstm import LSTMLM
+from attnlm.model import GPT
 from attnlm.probe import ProbeError, analyze, score_items
 from attnlm.tokenizer import Tokenizer
 from serving.params import EngineError, ProbeResult, invalid

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnlm.config import GPTConfig
-from attnlm.model import build_model
+from attnlm.networks import build_model
 from serving.forwards import TextForwards, length_buckets, pack_rows
 
 VOCAB = 300  # the tokenizer's; the model's is padded past it

@@ -6,7 +6,7 @@ import torch
 
 from attnlm.config import GPTConfig
 from attnlm.corpus import generate_corpus
-from attnlm.model import build_model
+from attnlm.networks import build_model
 from attnlm.tokenizer import Tokenizer
 from serving.params import EngineError
 from serving.sentence_probe import probe_sentence
