@@ -34,6 +34,17 @@ def padded_model(arch: str = "transformer"):
     return build_model(GPTConfig(vocab_size=PADDED, arch=arch, **shape)).eval()
 
 
+def write_padded_folder(model, tokenizer: Tokenizer, out):
+    """The folder `attnlm export` wrote before it cropped: every embedding row of the model, and
+    config.json's vocab_size the model's, past the tokenizer's."""
+    out = save_artifact(model, tokenizer, out)
+    config = json.loads((out / "config.json").read_text())
+    config["vocab_size"] = model.config.vocab_size
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(to_hf_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def loud(model, vocab_size: int):
     """Make the padded output rows win every argmax: a path that leaks them cannot pass."""
     with torch.no_grad():
@@ -66,11 +77,8 @@ def test_a_padded_folder_loads_cropped(tokenizer, tmp_path):
     """A folder written before cropping (config.json vocab_size past the tokenizer's) loads with
     the tokenizer's vocabulary; sampling from it never emits a padded id."""
     model = loud(padded_model(), tokenizer.vocab_size)
-    out = save_artifact(model, tokenizer, tmp_path / "art")
-    config = json.loads((out / "config.json").read_text())  # make it as old exports were
-    config["vocab_size"] = PADDED
-    (out / "config.json").write_text(json.dumps(config))
-    save_file(to_hf_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})
+    out = write_padded_folder(model, tokenizer, tmp_path / "art")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == PADDED
 
     art = load_artifact(out)
     assert art.config.vocab_size == art.model.lm_head.weight.shape[0] == tokenizer.vocab_size

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from attnlm.artifact import save_artifact
 from attnlm.config import GPTConfig
 from attnlm.corpus import generate_corpus
 from attnlm.model import GPT
@@ -17,6 +16,7 @@ from serving.engine import (
     Engine,
     EngineError,
 )
+from tests.unit.test_artifact_vocab import write_padded_folder
 from tests.unit.test_attention_maps import decoded
 
 EXTRA_IDS = 5  # model vocabulary past the tokenizer's: ids without text
@@ -24,16 +24,22 @@ TEXTS = ["The cats near the dog sleep.", "A dog", " "]
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
+def padded_model() -> tuple[GPT, Tokenizer]:
     tokenizer = Tokenizer.train(generate_corpus(2000, seed=0), vocab_size=300)
     config = GPTConfig(
         vocab_size=tokenizer.vocab_size + EXTRA_IDS, block_size=64, n_layer=2, n_head=2, n_embd=32
     )
     torch.manual_seed(0)
-    model = GPT(config)
-    with torch.no_grad():  # make the text-less ids the model's favourites, unless masked
+    model = GPT(config).eval()
+    with torch.no_grad():  # make the text-less ids the model's favourites, unless cropped
         model.lm_head.weight[tokenizer.vocab_size :].normal_(std=1.0)
-    path = save_artifact(model, tokenizer, tmp_path_factory.mktemp("artifacts") / "tiny")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, padded_model) -> Engine:
+    """Serves a folder as exports were before they cropped the text-less rows."""
+    path = write_padded_folder(*padded_model, tmp_path_factory.mktemp("artifacts") / "tiny")
     return Engine(path, device="cpu")
 
 
@@ -47,22 +53,24 @@ def test_engine_loads_artifact(engine):
     assert engine.model_name == "tiny"
     assert engine.max_context == 64
     assert engine.device.type == "cpu" and engine.dtype == torch.float32
-    assert engine.config.vocab_size > engine.tokenizer.vocab_size
+    # the padded folder is served with the tokenizer's vocabulary: the text-less rows cropped
+    assert engine.config.vocab_size == engine.tokenizer.vocab_size
+    assert engine.model.lm_head.weight.shape[0] == engine.tokenizer.vocab_size
 
 
-def test_greedy_completion_equals_stepwise_argmax_of_full_forward(engine):
+def test_greedy_completion_equals_stepwise_argmax_of_full_forward(engine, padded_model):
     vocab = engine.tokenizer.vocab_size
     ids = engine.encode("The cat")
     expected, picked_text_less = [], False
     with torch.no_grad():
         for _ in range(12):
-            logits = engine.model(torch.tensor([ids + expected])).logits[0, -1]
+            logits = padded_model[0](torch.tensor([ids + expected])).logits[0, -1]
             picked_text_less |= int(logits.argmax()) >= vocab
             token = int(logits[:vocab].argmax())
             if token == engine.tokenizer.eot_id:
                 break
             expected.append(token)
-    assert picked_text_less  # the masking below is what keeps those ids out
+    assert picked_text_less  # cropping the folder's rows is what keeps those ids out
     result = engine.complete("The cat", CompletionParams(max_tokens=12, temperature=0))
     assert result.choices[0].text == engine.tokenizer.decode(expected)
     assert result.prompt_tokens == len(ids)
