@@ -29,6 +29,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+# GPT2Config options whose other values change the computation; attnlm implements these values
+GPT2_FIXED = {
+    "scale_attn_weights": True,  # scores / sqrt(head_size)
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,  # the output head is the token embedding
+}
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 512  # rows of the token embedding and of the (tied) output head
@@ -151,7 +160,18 @@ class GPTConfig:
             return cls.from_dict(values)
         if hf.get("model_type") != "gpt2":
             raise ConfigError(
-                f"config.json: model_type must be 'gpt2' or 'attnlm', got {hf.get('model_type')!r}"
+                f"config.json: model_type {hf.get('model_type')!r} is not supported: attnlm loads "
+                "GPT-2-family folders (model_type 'gpt2': gpt2, gpt2-medium/large/xl, distilgpt2 "
+                "and fine-tunes of them) and its own exports (model_type 'attnlm')"
+            )
+        unsupported = [
+            f"{key}={hf[key]!r} (attnlm computes {value!r})"
+            for key, value in GPT2_FIXED.items()
+            if key in hf and hf[key] != value
+        ]
+        if unsupported:
+            raise ConfigError(
+                f"config.json: this GPT-2 variant is not supported: {', '.join(unsupported)}"
             )
         missing = [
             k for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd") if k not in hf
