@@ -238,7 +238,9 @@ class TextDataModule(L.LightningDataModule):
             tokenizer_path: a `tokenizer.json` to use; None trains one on the training split.
             vocab_size: vocabulary size of the tokenizer to train (>= 257: 256 bytes + EOT). On a
                 small corpus the trained vocabulary can come out smaller.
-            block_size: training window length T (windows hold T + 1 tokens).
+            block_size: training window length T (windows hold T + 1 tokens). Under `attnlm fit`
+                it is one setting with the model's context `model.block_size`: give either, the
+                other follows.
             batch_size: windows per batch, per device.
             val_fraction: fraction of documents held out for validation when the dataset has no
                 "validation" or "test" split.
