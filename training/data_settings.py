@@ -1,7 +1,8 @@
 """The `data:` settings, checked: `TextDataModule`'s arguments with what follows from them.
 
 `DataSettings` validates itself at construction and collects every problem into one
-`ConfigError` (a ValueError), one line per field, before anything is read or built:
+`ConfigError` (a ValueError), one line per field (a lone problem: one line in all), before
+anything is read or built:
 
     >>> from training.data import TextDataModule
     >>> TextDataModule(block_size=0, val_fraction=1.0)
@@ -75,6 +76,8 @@ class DataSettings:
         local_dir = self._resolve_dir(errors)
         tokenizer = self._load_tokenizer(errors)
         codec = self._check_decoding(errors)
+        if len(errors) == 1:
+            raise ConfigError(f"invalid data settings: {errors[0]}")
         if errors:
             raise ConfigError("invalid data settings:\n  " + "\n  ".join(errors))
         derived = {

@@ -233,6 +233,14 @@ def run_lightning(
         )
 
 
+def error_line(err: BaseException) -> str:
+    """A user error as `attnlm` prints it: Lightning's message on one line (some break lines),
+    the project's as they are (several problems in one config: one line each)."""
+    if isinstance(err, MisconfigurationException):
+        return " ".join(str(err).split())
+    return str(err)
+
+
 USER_ERRORS = (
     ConfigError,
     TokenizerError,
