@@ -43,12 +43,8 @@ from training.module import LanguageModel, NonFiniteLossError
 DEFAULT_ROOT = "runs/default"
 # the context length when neither model.block_size nor data.block_size is given: the model's default
 DEFAULT_BLOCK_SIZE = inspect.signature(LanguageModel.__init__).parameters["block_size"].default
-CKPT_PATH_NAMES = (
-    "last",
-    "best",
-    "hpc",
-    "registry",
-)  # --ckpt_path values Lightning resolves itself
+# --ckpt_path values that Lightning resolves itself (not files to check)
+CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")
 
 
 def resolve_block_size(config: Namespace) -> None:
@@ -138,9 +134,10 @@ def check_config_files(args: list[str]) -> None:
 
 
 class AttnLMCLI(LightningCLI):
-    """LightningCLI with the project's wiring: vocab size linked from the tokenizer, last/best
-    checkpoints in <default_root_dir>/checkpoints, CSV + TensorBoard logs, throughput/MFU and
-    the loss-curve plot, atomic checkpoint writes."""
+    """LightningCLI with the project's wiring: vocab size linked from the tokenizer, one context
+    length, last/best checkpoints in <default_root_dir>/checkpoints, CSV + TensorBoard logs,
+    throughput/MFU and the loss-curve plot, atomic checkpoint writes; config files and
+    `--ckpt_path` checked before Lightning reads them, parser errors on one line."""
 
     def __init__(self, *args: Any, parser_class: type = AttnLMParser, **kwargs: Any) -> None:
         super().__init__(*args, parser_class=parser_class, **kwargs)
