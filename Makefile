@@ -53,6 +53,7 @@ artifact: install
 	@[ -f $(ARTIFACT)/model.safetensors ] || $(MAKE) train export
 
 serve: artifact
+	$(PY) -m serving.app_args configs/serve.yaml
 	RAY_AUTH_MODE=disabled $(VENV)/bin/serve run configs/serve.yaml
 
 serve-bg: artifact

@@ -10,6 +10,7 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 if curl -sf "$URL/health" >/dev/null 2>&1; then
   echo "a server already answers at $URL"
 else
+  "$VENV/bin/python" -m serving.app_args configs/serve.yaml  # bad args: one line, exit 1
   echo "starting: serve run configs/serve.yaml (log: runs/serve.log)"
   nohup "$VENV/bin/serve" run configs/serve.yaml >runs/serve.log 2>&1 &
   echo $! >runs/serve.pid

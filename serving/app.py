@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.app_args import check_app_args
 from serving.engine import AttentionOptions, CompletionParams, Engine, EngineError
 from serving.limits import DEFAULT_MAX_TOKENS
 from serving.metrics import ServerMetrics
@@ -261,8 +262,16 @@ def _node_id() -> str | None:
 )
 @serve.ingress(app)
 class AttnLMServer:
-    def __init__(self, artifact: str, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        artifact: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        model_name: str | None = None,
+    ) -> None:
         self.engine = Engine(artifact, device=device, dtype=dtype)
+        if model_name is not None:  # the served model id; the engine's default: the folder's name
+            self.engine.model_name = model_name
         self.created = int(time.time())
         self.settings = DEFAULTS
         self.in_flight = 0
@@ -565,11 +574,10 @@ class AttnLMServer:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / config files: args `artifact` (required), `device`,
-    `dtype`."""
-    unknown = set(args) - {"artifact", "device", "dtype"}
-    if unknown:
-        raise ValueError(f"unknown application argument(s): {', '.join(sorted(unknown))}")
-    if "artifact" not in args:
-        raise ValueError("application argument 'artifact' (an exported model folder) is required")
-    artifact = str(Path(args["artifact"]).resolve())  # replicas need not share the caller's cwd
-    return AttnLMServer.bind(artifact, args.get("device"), args.get("dtype"))
+    `dtype`, `model_name` (the served model id: `/v1/models`, the `model` of requests and
+    responses; default the artifact folder's name). They are checked here, before any replica
+    starts (`check_app_args`): a bad one fails the application with one line."""
+    args = check_app_args(args)
+    return AttnLMServer.bind(
+        args["artifact"], args.get("device"), args.get("dtype"), args.get("model_name")
+    )

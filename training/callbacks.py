@@ -1,4 +1,5 @@
-"""Training callbacks: throughput and MFU, the loss-curve plot, atomic checkpoint writes.
+"""Training callbacks: throughput and MFU, the loss-curve plot, atomic checkpoint writes, the
+progress bar.
 
 `SpeedMonitor` logs `tokens_per_sec` (all ranks together) and `mfu` (model FLOPs utilisation:
 achieved model FLOP/s over the device's peak). The peak comes from Lightning's table for known
@@ -14,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -197,3 +199,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class TrainProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled "Epoch 3" rather than "Epoch 3/-2" when no epoch
+    limit ends the run (max_steps does; Lightning then sets max_epochs to -1)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs < 1:
+            # as wide as the "Validation" label, as Lightning pads it, so the bars line up
+            return f"Epoch {current_epoch}".ljust(len(self.validation_description))
+        return super()._get_train_description(current_epoch)

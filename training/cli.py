@@ -8,9 +8,12 @@
     attnlm generate --artifact artifacts/tiny --prompt "The cat that" --temperature 0.8
     attnlm probe artifacts/tiny artifacts/tiny-lstm --plot runs/probe.png
 
-Configuration errors (an unknown key, a non-positive size, n_embd not divisible by n_head, a
-missing data file, ...) end the command before any training with one line naming the field.
-Set ATTNLM_DEBUG=1 to see the traceback instead.
+Mistakes end the command with one line, `attnlm COMMAND: error: ...`, never a traceback: a
+setting the project or Lightning refuses (a non-positive size, n_embd not divisible by n_head,
+max_steps -5, two different block sizes), a data file that is missing, empty or not in its
+encoding, a Hub dataset without the Hub, a file that is not a checkpoint: exit code 1; what the
+argument parser refuses (an unknown key, a value of the wrong type, a missing config file):
+exit code 2. Set ATTNLM_DEBUG=1 to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from __future__ import annotations
 import os
 import sys
 
-from training.lightning_cli import USER_ERRORS, run_lightning
+from training.lightning_cli import USER_ERRORS, error_line, run_lightning
 from training.ray_launcher import fit_on_ray, split_launcher_args
 
-USAGE = """usage: attnlm {fit,validate,export,generate,probe} ...
+COMMANDS = ("fit", "validate", "export", "generate", "probe")
+USAGE = f"""usage: attnlm {{{",".join(COMMANDS)}}} ...
 
   fit        train a model (LightningCLI: attnlm fit --config configs/tiny.yaml);
              on Ray Train workers: attnlm fit --launcher ray --ray.num_workers N [--ray.use_gpu true] ...
@@ -54,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return probe_main(args[1:])
         if command not in ("fit", "validate"):
-            print(f"attnlm: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+            print(
+                f"attnlm: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
+                "(`attnlm --help` says what each does)",
+                file=sys.stderr,
+            )
             return 2
         launcher, ray_options, args = split_launcher_args(args)
         if launcher == "ray":
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("ATTNLM_DEBUG"):
             raise
-        print(f"attnlm {command}: error: {err}", file=sys.stderr)
+        print(f"attnlm {command}: error: {error_line(err)}", file=sys.stderr)
         return 1
 
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from attnlm.tokenizer import Tokenizer
 from training.data_settings import DataSettings
-from training.token_cache import TokenCache
+from training.token_cache import TokenCache, build_notes
 
 _MASK64 = (1 << 64) - 1
 
@@ -223,6 +223,8 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = "data_cache",
         corpus_sentences: int = 100_000,
         seed: int = 1337,
+        encoding: str = "utf-8",
+        decode_errors: str = "strict",
     ) -> None:
         """Validate the settings; nothing is read or built until `prepare_data`.
 
@@ -238,7 +240,9 @@ class TextDataModule(L.LightningDataModule):
             tokenizer_path: a `tokenizer.json` to use; None trains one on the training split.
             vocab_size: vocabulary size of the tokenizer to train (>= 257: 256 bytes + EOT). On a
                 small corpus the trained vocabulary can come out smaller.
-            block_size: training window length T (windows hold T + 1 tokens).
+            block_size: training window length T (windows hold T + 1 tokens). Under `attnlm fit`
+                it is one setting with the model's context `model.block_size`: give either, the
+                other follows.
             batch_size: windows per batch, per device.
             val_fraction: fraction of documents held out for validation when the dataset has no
                 "validation" or "test" split.
@@ -249,6 +253,11 @@ class TextDataModule(L.LightningDataModule):
             cache_dir: where token caches (and `datasets` downloads) are kept.
             corpus_sentences: sentences in the built-in corpus.
             seed: seeds the built-in corpus, the validation split and the training windows.
+            encoding: the encoding of local text, json and csv files: any codec Python knows
+                (utf-8, latin-1, cp1252, utf-16, ...). They are checked before anything is built.
+            decode_errors: what to do with bytes that are not `encoding`: "strict" (stop, naming
+                the file, line and byte offset), "replace" (each becomes U+FFFD) or "skip" (drop
+                the lines holding them); the count is reported when the cache is built.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -270,6 +279,8 @@ class TextDataModule(L.LightningDataModule):
             cache_dir=cache_dir,
             corpus_sentences=corpus_sentences,
             seed=seed,
+            encoding=encoding,
+            decode_errors=decode_errors,
         )
         self.cache = TokenCache(self.settings)
         self._tokenizer: Tokenizer | None = self.settings.tokenizer
@@ -319,6 +330,8 @@ class TextDataModule(L.LightningDataModule):
             f"train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens, "
             f"vocab {meta['vocab_size']}"
         )
+        for note in build_notes(meta):
+            rank_zero_info(f"data: {note}")
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache (every rank): tokenizer, memory-mapped splits, window datasets."""

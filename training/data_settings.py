@@ -1,7 +1,8 @@
 """The `data:` settings, checked: `TextDataModule`'s arguments with what follows from them.
 
 `DataSettings` validates itself at construction and collects every problem into one
-`ConfigError` (a ValueError), one line per field, before anything is read or built:
+`ConfigError` (a ValueError), one line per field (a lone problem: one line in all), before
+anything is read or built:
 
     >>> from training.data import TextDataModule
     >>> TextDataModule(block_size=0, val_fraction=1.0)
@@ -14,12 +15,13 @@
 The fields are the arguments of `TextDataModule.__init__`, which builds this from them (they
 are documented there: they are the `--data.*` options of `attnlm fit`, and their defaults are
 its defaults). Checking also resolves what the data module needs next: the `datasets` builder
-for local files, those files (globs expanded), a local dataset directory, and the given
-tokenizer (loaded once, here).
+for local files, those files (globs expanded), a local dataset directory, the codec of
+`encoding`, and the given tokenizer (loaded once, here).
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 from dataclasses import dataclass, field
@@ -29,6 +31,9 @@ from attnlm.config import ConfigError
 from attnlm.tokenizer import NUM_BYTES, Tokenizer, TokenizerError
 
 LOCAL_BUILDERS = ("text", "json", "parquet", "csv")  # `datasets` builders that read data_files
+TEXT_BUILDERS = ("text", "json", "csv")  # those whose files are text: data.encoding applies to them
+DECODE_ERRORS = ("strict", "replace", "skip")  # data.decode_errors: see training.text_decoding
+DEFAULT_DECODING = ("utf-8", "strict")  # (codec, decode_errors) of every file before they existed
 
 
 def _is_int(value: object) -> bool:
@@ -54,11 +59,14 @@ class DataSettings:
     cache_dir: str
     corpus_sentences: int
     seed: int
+    encoding: str
+    decode_errors: str
     # What follows from the fields above, set by __post_init__:
     builder: str | None = field(init=False)  # `dataset` if it names a builder of LOCAL_BUILDERS
     resolved_files: tuple[Path, ...] = field(init=False)  # the builder's data_files, absolute
     local_dir: Path | None = field(init=False)  # `dataset` as a local dataset directory
     cache_root: Path = field(init=False)  # cache_dir, absolute
+    codec: str = field(init=False)  # encoding's canonical name: "latin-1" is "iso8859-1"
     tokenizer: Tokenizer | None = field(init=False, compare=False, repr=False)  # tokenizer_path's
 
     def __post_init__(self) -> None:
@@ -67,6 +75,9 @@ class DataSettings:
         data_files, resolved_files = self._resolve_files(errors)
         local_dir = self._resolve_dir(errors)
         tokenizer = self._load_tokenizer(errors)
+        codec = self._check_decoding(errors)
+        if len(errors) == 1:
+            raise ConfigError(f"invalid data settings: {errors[0]}")
         if errors:
             raise ConfigError("invalid data settings:\n  " + "\n  ".join(errors))
         derived = {
@@ -76,6 +87,7 @@ class DataSettings:
             "resolved_files": tuple(resolved_files),
             "local_dir": local_dir,
             "cache_root": Path(self.cache_dir).expanduser().resolve(),
+            "codec": codec,
             "tokenizer": tokenizer,
         }
         for name, value in derived.items():
@@ -115,6 +127,34 @@ class DataSettings:
                 f"data.samples_per_epoch: {samples} is less than data.batch_size "
                 f"{batch_size}: not one full batch per epoch"
             )
+
+    @property
+    def decodes_by_default(self) -> bool:
+        """True for strict UTF-8 (DEFAULT_DECODING)."""
+        return (self.codec, self.decode_errors) == DEFAULT_DECODING
+
+    def _check_decoding(self, errors: list[str]) -> str:
+        """The codec of `encoding` (its canonical name); checks `decode_errors` and where they apply."""
+        codec = "utf-8"
+        try:
+            b"a".decode(self.encoding, "ignore")  # LookupError: an unknown or bytes-to-bytes codec
+            codec = codecs.lookup(self.encoding).name
+        except (LookupError, TypeError):
+            errors.append(
+                f"data.encoding: {self.encoding!r} is not a text encoding Python knows "
+                "(e.g. utf-8, latin-1, cp1252, utf-16)"
+            )
+        if self.decode_errors not in DECODE_ERRORS:
+            errors.append(
+                f"data.decode_errors: must be one of {', '.join(DECODE_ERRORS)}, "
+                f"got {self.decode_errors!r}"
+            )
+        elif (codec, self.decode_errors) != DEFAULT_DECODING and self.dataset not in TEXT_BUILDERS:
+            errors.append(
+                "data.encoding, data.decode_errors: apply to local text files (data.dataset one of "
+                f"{', '.join(TEXT_BUILDERS)}), not to data.dataset={self.dataset!r}"
+            )
+        return codec
 
     def _resolve_files(self, errors: list[str]) -> tuple[list[str] | None, list[Path]]:
         """(data_files as a list or None, the files a local builder reads: globs expanded)."""

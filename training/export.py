@@ -2,7 +2,8 @@
 
     attnlm export --checkpoint runs/tiny/checkpoints/best.ckpt --out artifacts/tiny
 
-The checkpoint is read with `torch.load(weights_only=True)`; the tokenizer travels inside it
+The checkpoint is read with `torch.load(weights_only=True)` (`training.checkpoint_file`: a file
+that is not a checkpoint is named for what it is); the tokenizer travels inside it
 (the data module's state), so the artifact needs nothing but the checkpoint file.
 """
 
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-import torch
 
 from attnlm.artifact import ArtifactError, save_artifact
 from attnlm.config import GPTConfig
@@ -23,20 +23,11 @@ from attnlm.lstm import LSTMLM
 from attnlm.model import GPT
 from attnlm.networks import build_model
 from attnlm.tokenizer import Tokenizer
+from training.checkpoint_file import read_checkpoint
 
 DATAMODULE_STATE_KEY = (
     "TextDataModule"  # Lightning stores datamodule.state_dict() under its class name
 )
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ArtifactError(f"{path} is not a readable attnlm checkpoint: {err}") from err
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> GPT | LSTMLM:

@@ -44,7 +44,8 @@ class LanguageModel(L.LightningModule):
         """
         Args:
             vocab_size: token embedding rows; linked from `data.vocab_size` by the CLI.
-            block_size: context length (learned positions); `data.block_size` may not exceed it.
+            block_size: context length (learned positions). Under `attnlm fit` it is one setting
+                with `data.block_size`: give either, the other follows.
             n_layer: Transformer blocks.
             n_head: attention heads per block.
             n_embd: residual width (divisible by n_head).

@@ -1,7 +1,8 @@
 """The token cache of `TextDataModule`: text -> byte-level BPE tokens -> one packed token file per split.
 
     data_cache/builtin-1f0c2a9d3b5e7a11/
-        meta.json        # dtype, tokens/characters/documents per split, vocab size, fingerprint
+        meta.json        # dtype, tokens/characters/documents per split, vocab size, fingerprint,
+                         # local files left out (no text) or with undecodable bytes
         tokenizer.json   # the tokenizer the tokens were made with
         train.bin        # every training token, end to end, raw np.uint16 (np.uint32 above 65536)
         val.bin
@@ -9,14 +10,15 @@
 
 `TokenCache(settings).path` is named by a hash (the fingerprint) of everything that determines the
 directory's contents: the source (the built-in corpus generator's code, or the dataset, its
-files' sizes and times), the split, the tokenizer's settings (or the given tokenizer's bytes), the
+files' sizes and times, their encoding and decode_errors unless strict UTF-8), the split, the tokenizer's settings (or the given tokenizer's bytes), the
 seed, the cache format. Settings that change the contents get a new directory; the same settings
 find the one built before.
 
-`build` loads the text with `datasets.load_dataset` (the built-in corpus of `attnlm.corpus`, local
-text/json/parquet/csv files, a local dataset directory, or a Hub dataset), splits off validation
-data, trains a tokenizer on the training split (unless one is given), tokenizes with EOT after
-each document, and packs each split into one flat token file. It writes into a temporary
+`build` loads the text (`training.data_loading`: the built-in corpus of `attnlm.corpus`, local
+text/json/parquet/csv files, a local dataset directory, or a Hub dataset; validation data split
+off unless the dataset has its own), trains a tokenizer on the training split (unless one is
+given), tokenizes with EOT after each document (empty ones are skipped and counted), and packs
+each split into one flat token file. It writes into a temporary
 directory that is renamed into place (`attnlm.atomic.atomic_folder`): a crashed run never leaves
 half a cache, and of two processes building the same cache one wins and the other uses its result.
 """
@@ -38,12 +40,11 @@ import tokenizers
 
 import attnlm.corpus
 from attnlm.atomic import atomic_folder
-from attnlm.corpus import write_corpus
 from attnlm.tokenizer import Tokenizer
+from training.data_loading import load_splits
 from training.data_settings import DataSettings
 
 CACHE_FORMAT = 1  # bump when the layout or the meaning of the cache files changes
-VAL_SPLIT_NAMES = ("validation", "test")  # used as validation data when the dataset has them
 TOKENIZER_MIN_FREQUENCY = 2
 META_FILE = "meta.json"
 
@@ -94,11 +95,38 @@ def _pack(tokenized: datasets.Dataset, path: Path, dtype: np.dtype) -> dict[str,
         out.flush()
         del out
     n_chars = np.asarray(tokenized.data.column("n_chars").to_numpy(), dtype=np.int64)
+    documents = int((n_chars > 0).sum())
     return {
         "tokens": num_tokens,
         "chars": int(n_chars.sum()),
-        "documents": int((n_chars > 0).sum()),
+        "documents": documents,
+        "empty_documents": len(n_chars) - documents,  # skipped: no text, no tokens
     }
+
+
+def build_notes(meta: dict[str, Any]) -> list[str]:
+    """What a build left out or changed of the text, one line each (for the log)."""
+    notes = []
+    empty = {name: split.get("empty_documents", 0) for name, split in meta["splits"].items()}
+    if any(empty.values()):
+        counts = ", ".join(f"{name} {n:,}" for name, n in empty.items())
+        notes.append(f"skipped {sum(empty.values()):,} empty documents ({counts})")
+    files = meta.get("files", {})
+    if files.get("left_out_without_text"):
+        notes.append(f"left out files without text: {', '.join(files['left_out_without_text'])}")
+    decode_errors = files.get("decode_errors")
+    for f in decode_errors["files"] if decode_errors else []:
+        if decode_errors["policy"] == "replace":
+            notes.append(
+                f"replaced {f['bad_bytes']:,} undecodable bytes with U+FFFD on {f['bad_lines']:,} "
+                f"lines of {f['file']} (data.decode_errors=replace)"
+            )
+        else:
+            notes.append(
+                f"dropped {f['bad_lines']:,} lines holding {f['bad_bytes']:,} undecodable bytes "
+                f"from {f['file']} (data.decode_errors=skip)"
+            )
+    return notes
 
 
 def _file_signature(path: Path) -> list[Any]:
@@ -135,6 +163,8 @@ def fingerprint_inputs(settings: DataSettings) -> dict[str, Any]:
             "split": s.split,
             "text_column": s.text_column,
         }
+        if not s.decodes_by_default:
+            inputs["source"]["decoding"] = [s.codec, s.decode_errors]
         if s.local_dir is not None:
             inputs["source"]["dir_files"] = [
                 _file_signature(p)
@@ -216,7 +246,8 @@ class TokenCache:
     def _build(self, tmp: Path) -> dict[str, Any]:
         s = self.settings
         t0 = time.perf_counter()
-        train, val, val_source = self._load_splits(tmp)
+        loaded = load_splits(s, tmp)
+        train, val = loaded.train, loaded.val
         t_load = time.perf_counter()
         if s.tokenizer is not None:
             tokenizer = s.tokenizer
@@ -250,8 +281,8 @@ class TokenCache:
             splits[name] = _pack(tokenized, tmp / f"{name}.bin", dtype)
             del tokenized
         t_pack = time.perf_counter()
-        shutil.rmtree(tmp / "arrow", ignore_errors=True)
-        shutil.rmtree(tmp / "hf", ignore_errors=True)
+        for scratch in ("arrow", "hf", "decoded"):
+            shutil.rmtree(tmp / scratch, ignore_errors=True)
         return {
             "format": CACHE_FORMAT,
             "fingerprint": self.fingerprint,
@@ -259,8 +290,9 @@ class TokenCache:
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
-            "val_source": val_source,
+            "val_source": loaded.val_source,
             "splits": splits,
+            "files": loaded.files,
             "build_seconds": round(t_pack - t0, 3),
             "seconds": {
                 "load": round(t_load - t0, 3),
@@ -268,61 +300,3 @@ class TokenCache:
                 "tokenize_and_pack": round(t_pack - t_tok, 3),
             },
         }
-
-    def _load_splits(self, tmp: Path) -> tuple[datasets.Dataset, datasets.Dataset, str]:
-        """(train, val, where val came from) as `datasets.Dataset`s with the text column."""
-        s = self.settings
-        if s.dataset is None:
-            corpus = write_corpus(tmp / "corpus.txt", s.corpus_sentences, seed=s.seed)
-            path, name, data_files = "text", None, [str(corpus)]
-            hf_cache = tmp / "hf"  # nothing here is worth keeping past this build
-        elif s.builder is not None:
-            path, name = s.builder, s.dataset_config
-            data_files = [str(p) for p in s.resolved_files]
-            hf_cache = s.cache_root / "hf"
-        else:
-            path = str(s.local_dir) if s.local_dir is not None else s.dataset
-            name, data_files = s.dataset_config, s.data_files
-            hf_cache = s.cache_root / "hf"
-        kwargs = {"name": name, "data_files": data_files, "cache_dir": str(hf_cache)}
-        loaded = datasets.load_dataset(path, **kwargs)
-        if not isinstance(loaded, datasets.DatasetDict):
-            raise ValueError(f"data.dataset: {s.dataset!r} did not load as a dataset with splits")
-        base_split = s.split.split("[", 1)[0]
-        if s.split in loaded:
-            train = loaded[s.split]
-        elif base_split in loaded:
-            train = datasets.load_dataset(path, split=s.split, **kwargs)  # slicing syntax
-        else:
-            raise ValueError(
-                f"data.split: {s.split!r} is not a split of the dataset; it has {list(loaded)}"
-            )
-        self._check_text_column(train)
-        for val_name in VAL_SPLIT_NAMES:
-            if val_name in loaded and val_name != base_split:
-                return train, loaded[val_name], f"split {val_name!r}"
-        if len(train) < 2:
-            raise ValueError(
-                f"data: the {s.split!r} split has {len(train)} document(s); splitting off "
-                "validation data needs at least 2"
-            )
-        parts = train.train_test_split(
-            test_size=s.val_fraction,
-            seed=s.seed,
-            shuffle=True,
-            train_indices_cache_file_name=str(tmp / "arrow" / "train_indices.arrow"),
-            test_indices_cache_file_name=str(tmp / "arrow" / "val_indices.arrow"),
-        )
-        return parts["train"], parts["test"], f"val_fraction={s.val_fraction} of {s.split!r}"
-
-    def _check_text_column(self, ds: datasets.Dataset) -> None:
-        column = self.settings.text_column
-        feature = ds.features.get(column)
-        if feature is None:
-            raise ValueError(
-                f"data.text_column: no column {column!r}; the dataset has {list(ds.features)}"
-            )
-        if not (
-            isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-        ):
-            raise ValueError(f"data.text_column: column {column!r} holds {feature}, not strings")

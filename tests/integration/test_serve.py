@@ -344,6 +344,34 @@ def test_probe_finds_subject_and_verb_and_reports_heads(server):
     assert body["verb"]["correct"] == "jumped" and body["agreement"]["verdict"] is None
 
 
+def test_model_name_is_the_served_model_id(server, tmp_path_factory):
+    """`model_name` in the application's args (build_app) names the model everywhere. (Before the
+    LSTM app below takes Ray's second CPU: this one is deleted when done.)"""
+    from serving.app import build_app
+
+    artifact = build_tiny_artifact(tmp_path_factory.mktemp("serve-named") / "model")
+    app = build_app({"artifact": str(artifact), "model_name": "attnlm-tiny"})
+    serve.run(app, name="named", route_prefix="/named", blocking=False)
+    try:
+        wait_healthy(server, "/named/health")
+        assert server.get("/named/health").json()["model"] == "attnlm-tiny"
+        assert [m["id"] for m in server.get("/named/v1/models").json()["data"]] == ["attnlm-tiny"]
+        payload = {"model": "attnlm-tiny", "prompt": "The cat", "max_tokens": 2, "temperature": 0}
+        completion = server.post("/named/v1/completions", json=payload)
+        assert completion.status_code == 200 and completion.json()["model"] == "attnlm-tiny"
+        body = server.post("/named/v1/next-token", json={"text": "The cat", "top_k": 2}).json()
+        assert body["model"] == "attnlm-tiny"
+        error = assert_error(
+            server.post("/named/v1/completions", json={**payload, "model": "model"}),
+            404,
+            param="model",
+            contains="this server serves 'attnlm-tiny'",
+        )
+        assert error["code"] == "model_not_found"
+    finally:
+        serve.delete("named")
+
+
 @pytest.fixture(scope="module")
 def lstm_server(server, tmp_path_factory):
     """An LSTM artifact served by the same app, beside the GPT one, under /lstm."""

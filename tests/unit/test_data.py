@@ -366,3 +366,38 @@ def test_sampler_resume_skips_consumed_samples_of_that_epoch_only():
     assert list(sampler) == full  # the skip applies to one pass only
     sampler.resume_at(epoch=2, samples=2)  # a checkpoint from an earlier, finished epoch
     assert list(sampler) == full
+
+
+@pytest.mark.parametrize("policy", ["replace", "skip"])
+def test_replace_and_skip_train_on_the_rest_and_count(tmp_path, policy, caplog):
+    path = tmp_path / "scraped.txt"
+    docs = generate_corpus(300, seed=9)
+    path.write_bytes(
+        ("\n".join(docs[:150]) + "\n").encode()
+        + b"broken \xff\xfe bytes\n\nlone \xc3\n"
+        + ("\n".join(docs[150:]) + "\n").encode()
+    )
+    kwargs = {k: v for k, v in SMALL.items() if k != "corpus_sentences"}
+    dm = TextDataModule(
+        dataset="text", data_files=str(path), decode_errors=policy, vocab_size=300,
+        cache_dir=str(tmp_path / "cache"), **kwargs,
+    )  # fmt: skip
+    strict = TextDataModule(
+        dataset="text", data_files=str(path), cache_dir=str(tmp_path / "cache"), **kwargs
+    )
+    assert dm.cache_path != strict.cache_path  # the policy is part of the cache key
+    with caplog.at_level("INFO"):
+        dm.prepare_data()
+    dm.setup("fit")
+    trained = split_docs(dm, "train") + split_docs(dm, "val")
+    if policy == "replace":
+        assert sorted(trained) == sorted([*docs, "broken \ufffd\ufffd bytes", "lone \ufffd"])
+        note = f"replaced 3 undecodable bytes with U+FFFD on 2 lines of {path}"
+    else:
+        assert sorted(trained) == sorted(docs)
+        note = f"dropped 2 lines holding 3 undecodable bytes from {path}"
+    assert note in caplog.text
+    assert "skipped 1 empty documents" in caplog.text  # the blank line
+    assert sum(s["empty_documents"] for s in dm.meta["splits"].values()) == 1
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 16)

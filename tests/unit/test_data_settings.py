@@ -102,3 +102,22 @@ def test_every_error_in_one_config_error_in_field_order(tmp_path):
 def test_bad_data_files_are_named(data_files):
     with pytest.raises(ConfigError, match="data.data_files: must be a path or a list of paths"):
         settings(dataset="json", data_files=data_files)
+
+
+def test_the_encoding_is_a_codec_and_decode_errors_a_policy(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("x\n")
+    s = settings(dataset="text", data_files=str(path), encoding="Latin1", decode_errors="skip")
+    assert (s.codec, s.decode_errors, s.decodes_by_default) == ("iso8859-1", "skip", False)
+    assert settings(encoding="UTF8").decodes_by_default  # one codec, any of its names
+    with pytest.raises(ConfigError) as info:
+        settings(dataset="text", data_files=str(path), encoding="base64", decode_errors="ignore")
+    lines = str(info.value).splitlines()[1:]
+    assert lines[0].startswith("  data.encoding: 'base64' is not a text encoding Python knows")
+    assert lines[1] == "  data.decode_errors: must be one of strict, replace, skip, got 'ignore'"
+    with pytest.raises(
+        ConfigError, match="apply to local text files .* not to data.dataset='parquet'"
+    ):
+        settings(dataset="parquet", data_files=str(path), decode_errors="replace")
+    with pytest.raises(ConfigError, match="not to data.dataset=None"):
+        settings(encoding="cp1252")
