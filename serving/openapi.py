@@ -180,12 +180,19 @@ ERRORS = {
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 POST_ERRORS = (400, 404, 413, 500, 503)
 GET_ERRORS = (500, 503)
-EVENT_STREAM = {
+EVENT_STREAM = {  # before OpenAPI 3.2, the schema of an event stream is that of one event
     "text/event-stream": {
         "schema": {
-            "type": "string",
-            "description": "with `stream: true`: `data: <chunk>` events in OpenAI's chunk format "
-            '(an error, as `data: {"error": ...}`), then `data: [DONE]`',
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": "with `stream: true`: one chunk in OpenAI's format (JSON), or "
+                    'an error (`{"error": ...}`); the last event is `[DONE]`',
+                },
+                "event": {"type": "string"},
+            },
         }
     }
 }
@@ -211,6 +218,7 @@ def responses(ok: type[BaseModel] | None, *statuses: int, **ok_extra: Any) -> di
 class ModelBounds:
     """What of the request bounds depends on the served model."""
 
+    model_name: str  # the one `model` a request may name
     vocab_size: int
     n_layer: int
     n_head: int
@@ -221,6 +229,7 @@ class ModelBounds:
     def of(cls, engine) -> ModelBounds:
         config = engine.config
         return cls(
+            engine.model_name,
             engine.tokenizer.vocab_size,
             config.n_layer,
             config.n_head,
@@ -254,6 +263,10 @@ def _state_bounds(schemas: dict[str, Any], bounds: ModelBounds) -> None:
     for name, props in ((n, s.get("properties", {})) for n, s in schemas.items()):
         if "text" in props and name.endswith("Request"):
             props["text"]["description"] = "A non-empty text, valid Unicode." + context
+        if "model" in props and name.endswith("Request"):  # another name is a 404
+            for node in _walk(props["model"]):
+                if node.get("type") == "string":
+                    node["enum"] = [bounds.model_name]
         if name in ("AttentionOptionsModel", "AttentionRequest"):
             _bound_integers(props["layers"], bounds.n_layer - 1)
             _bound_integers(props["heads"], bounds.n_head - 1)

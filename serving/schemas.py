@@ -25,6 +25,7 @@ from pydantic import (
     StrictStr,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -55,6 +56,21 @@ def _unicode(value: Any) -> Any:
 
 
 _Unicode = BeforeValidator(_unicode)
+
+
+def _integral(value: Any) -> Any:
+    """`value` with every float that has no fraction made an int: JSON Schema's "integer" is
+    any such number (3 and 3.0 alike), so integer fields take both; a float field takes the int
+    as it took the float. Strings and booleans stay what they are (strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
+
+
 # a text field: a non-empty string of valid Unicode (no lone surrogate escapes)
 Text = Annotated[StrictStr, Field(min_length=1), _Unicode]
 # the probe's named words must hold a word: not only whitespace (str.strip's, see _Strict)
@@ -85,7 +101,7 @@ def _prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
         raise PydanticCustomError("empty_list", "prompt must not be an empty list")
     elif isinstance(value[0], list):
         kind = "id lists"
-    elif isinstance(value[0], int) and not isinstance(value[0], bool):
+    elif isinstance(value[0], (int, float)) and not isinstance(value[0], bool):
         kind = "ids"
     else:
         kind = "texts"
@@ -120,6 +136,11 @@ Indices = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)
 class _Strict(BaseModel):
     # python-re: a pattern's \s is str.isspace(), what the engine strips (Rust's regex differs)
     model_config = ConfigDict(strict=True, extra="forbid", regex_engine="python-re")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers(cls, data: Any) -> Any:
+        return _integral(data)
 
 
 class AttentionOptionsModel(_Strict):
