@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
 from serving.auth import Access, require_key
@@ -72,7 +72,6 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 IDLE_S = 0.002  # a replica with no request for this long is idle (see AttnLMServer._alone)
 DEFAULTS = ServerSettings()  # the user_config a deployment starts with
-METRICS_TEXT = {"text/plain": {"schema": {"type": "string", "description": "Prometheus text"}}}
 
 
 class Timed(NamedTuple):
@@ -365,7 +364,7 @@ class AttnLMServer:
             ],
         }
 
-    @app.get("/metrics", responses=responses(None, *GET_ERRORS, content=METRICS_TEXT))
+    @app.get("/metrics", response_class=PlainTextResponse, responses=responses(None, *GET_ERRORS))
     async def metrics(self) -> Response:
         return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
