@@ -161,6 +161,19 @@ def _attention_dict(result) -> dict[str, Any]:
     }
 
 
+def _error_event(err: Exception) -> str:
+    """One server-sent event with OpenAI's error body: an EngineError's own, or a 500's
+    (logged with the request id) for anything else. (Defined above the deployment class, as
+    everything its methods use: Ray pickles the class, with the globals it finds, at import.)"""
+    if isinstance(err, EngineError):
+        body = error_body(str(err), err.param, err.code, error_type(err.status))
+    else:
+        rid = request_id()
+        logger.exception("stream of request %s failed with an unexpected error", rid)
+        body = internal_error_body(rid)
+    return f"data: {dumps(body).decode()}\n\n"
+
+
 def _replica_name() -> str:
     """This replica's id (reported by /health, to tell replicas apart), or "local" outside Serve."""
     try:
@@ -524,18 +537,6 @@ class AttnLMServer:
                 yield f"data: {dumps(chunk).decode()}\n\n"
         self.metrics.generated(generated)
         yield "data: [DONE]\n\n"
-
-
-def _error_event(err: Exception) -> str:
-    """One server-sent event with OpenAI's error body: an EngineError's own, or a 500's
-    (logged with the request id) for anything else."""
-    if isinstance(err, EngineError):
-        body = error_body(str(err), err.param, err.code, error_type(err.status))
-    else:
-        rid = request_id()
-        logger.exception("stream of request %s failed with an unexpected error", rid)
-        body = internal_error_body(rid)
-    return f"data: {dumps(body).decode()}\n\n"
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
