@@ -53,7 +53,7 @@ artifact: install
 	@[ -f $(ARTIFACT)/model.safetensors ] || $(MAKE) train export
 
 serve: artifact
-	RAY_AUTH_MODE=disabled $(VENV)/bin/serve run configs/serve.yaml
+	RAY_AUTH_MODE=disabled RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.proxy:middlewares $(VENV)/bin/serve run configs/serve.yaml
 
 serve-bg: artifact
 	VENV=$(VENV) bash scripts/demo_serve.sh

@@ -7,9 +7,12 @@ Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming
 /v1/next-token, POST /v1/attention, POST /v1/probe, GET /v1/models, GET /health, GET /metrics,
 GET / (viewer).
 Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
-(size and wait in `user_config`, `serving.settings`). Every bad request answers a 4xx with
-OpenAI's error body (checked once: by the pydantic models of `serving.schemas`, or by the
-engine); requests beyond `max_in_flight` answer 503 with Retry-After.
+(size and wait in `user_config`, `serving.settings`). Every error answers OpenAI's error body
+(`serving.http`): a bad request a 4xx (checked once: by the pydantic models of `serving.schemas`,
+or by the engine), requests beyond `max_in_flight` a 503 with Retry-After, a completion past
+`request_timeout_s` a 504, anything unexpected a 500 with the request id. API keys, when set,
+guard every route but /health and the page (`serving.auth`); /openapi.json states the contract,
+the model's bounds included (`serving.openapi`).
 """
 
 import asyncio
