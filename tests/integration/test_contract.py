@@ -61,7 +61,8 @@ def served(tmp_path_factory):
     ray.shutdown()
 
 
-def schemathesis_run(url: str, *options: str) -> tuple[int, str]:
+def schemathesis_run(url: str, *options: str, cwd: Path) -> tuple[int, str]:
+    """`schemathesis run` of the schema at `url`, from `cwd` (where it writes its cache)."""
     env = {
         **os.environ,
         "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks",
@@ -74,16 +75,14 @@ def schemathesis_run(url: str, *options: str) -> tuple[int, str]:
         *("--exclude-checks", "positive_data_acceptance", "--generation-database", "none"),
         *options,
     ]
-    done = subprocess.run(
-        command, cwd=Path(REPO), env=env, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     return done.returncode, done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("name", ["open", "keyed"])
-def test_served_app_keeps_its_contract(served, name):
+def test_served_app_keeps_its_contract(served, name, tmp_path):
     options = ("--header", f"Authorization: Bearer {KEY}") if name == "keyed" else ()
-    code, output = schemathesis_run(served[name], *options)
+    code, output = schemathesis_run(served[name], *options, cwd=tmp_path)
     assert code == 0, output[-6000:]
     assert "Tested: 8" in output, output[-3000:]  # every operation
 
