@@ -54,7 +54,7 @@ artifact: install
 
 serve: artifact
 	$(PY) -m serving.app_args configs/serve.yaml
-	RAY_AUTH_MODE=disabled $(VENV)/bin/serve run configs/serve.yaml
+	RAY_AUTH_MODE=disabled RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.proxy:middlewares $(VENV)/bin/serve run configs/serve.yaml
 
 serve-bg: artifact
 	VENV=$(VENV) bash scripts/demo_serve.sh

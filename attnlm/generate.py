@@ -87,6 +87,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already suffices
+        drop[..., 0] = False  # the most likely token stays, even for a top_p float32 rounds to 0
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
@@ -98,7 +99,10 @@ def sample(
     """Choose the next token for each row of logits (B, V). Returns (B,) long."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    # shifted to <= 0, T at least the dtype's tiny: a tiny T gives no inf - inf, no 0 / 0
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # (B, V)
+    temperature = max(params.temperature, torch.finfo(logits.dtype).tiny)
+    logits = filter_logits(logits / temperature, params.top_k, params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

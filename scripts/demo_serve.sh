@@ -6,6 +6,7 @@ VENV=${VENV:-.venv}
 URL=${URL:-http://127.0.0.1:8000}
 mkdir -p runs
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.proxy:middlewares  # a lost replica: 503 + Retry-After
 
 if curl -sf "$URL/health" >/dev/null 2>&1; then
   echo "a server already answers at $URL"

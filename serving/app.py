@@ -7,32 +7,61 @@ Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming
 /v1/next-token, POST /v1/attention, POST /v1/probe, GET /v1/models, GET /health, GET /metrics,
 GET / (viewer).
 Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
-(size and wait in `user_config`, `serving.settings`). Every bad request answers a 4xx with
-OpenAI's error body (checked once: by the pydantic models of `serving.schemas`, or by the
-engine); requests beyond `max_in_flight` answer 503 with Retry-After.
+(size and wait in `user_config`, `serving.settings`). Every error answers OpenAI's error body
+(`serving.http`): a bad request a 4xx (checked once: by the pydantic models of `serving.schemas`,
+or by the engine), requests beyond `max_in_flight` a 503 with Retry-After, a completion past
+`request_timeout_s` a 504, anything unexpected a 500 with the request id. API keys, when set,
+guard every route but /health and the page (`serving.auth`); /openapi.json states the contract,
+the model's bounds included (`serving.openapi`).
 """
 
 import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi import Depends, FastAPI
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.app_args import check_app_args
+from serving.auth import Access, require_key
 from serving.engine import AttentionOptions, CompletionParams, Engine, EngineError
+from serving.http import (
+    JSON,
+    ActiveRequests,
+    BodyLimit,
+    ErrorGuard,
+    dumps,
+    error_response,
+    error_type,
+    install_error_handlers,
+    internal_error_body,
+    logger,
+    request_id,
+)
 from serving.limits import DEFAULT_MAX_TOKENS
 from serving.metrics import ServerMetrics
+from serving.openapi import (
+    EVENT_STREAM,
+    GET_ERRORS,
+    POST_ERRORS,
+    AttentionResponse,
+    CompletionResponse,
+    Health,
+    ModelBounds,
+    ModelList,
+    NextTokenResponse,
+    ProbeResponse,
+    contract,
+    responses,
+)
+from serving.params import CompletionDelta, Deadline
 from serving.schemas import (
     AttentionOptionsModel,
     AttentionRequest,
@@ -41,26 +70,12 @@ from serving.schemas import (
     ProbeRequest,
     error_body,
 )
-from serving.settings import MAX_ONGOING_REQUESTS, ServerSettings
+from serving.settings import GRACEFUL_SHUTDOWN_TIMEOUT_S, MAX_ONGOING_REQUESTS, ServerSettings
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 IDLE_S = 0.002  # a replica with no request for this long is idle (see AttnLMServer._alone)
 DEFAULTS = ServerSettings()  # the user_config a deployment starts with
-
-
-class JSON(JSONResponse):
-    """JSON through orjson: numpy arrays (the engine's "json"-encoded attention maps) are written
-    as nested lists without passing through Python floats; a 27-token map of 6 layers x 6 heads
-    takes ~0.4 ms instead of ~5 ms with `json.dumps` of nested lists."""
-
-    def render(self, content: Any) -> bytes:
-        return dumps(content)
-
-
-def dumps(content: Any) -> bytes:
-    """orjson bytes of `content`, numpy arrays included (NaN/inf would become null)."""
-    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
 class Timed(NamedTuple):
@@ -77,116 +92,19 @@ def _timed(fn, *args) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSON:
-    type_ = "invalid_request_error" if status < 500 else "server_error"
-    return JSON(error_body(message, param, code, type_), status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over `max_bytes` (Content-Length or streamed)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._reject(scope, receive, send)
-
-    async def _reject(self, scope, receive, send) -> None:
-        response = error_response(
-            413, f"request body exceeds {self.max_bytes} bytes", code="body_too_large"
-        )
-        await response(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class ActiveRequests:
-    """ASGI middleware counting the HTTP requests inside the app, from their first byte (before
-    the body is read) until the last byte of the answer (a stream included)."""
-
-    count = 0  # one replica per process: class attributes are the replica's
-    last_exit = 0.0  # time.monotonic() when a request last left
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        ActiveRequests.count += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            ActiveRequests.count -= 1
-            ActiveRequests.last_exit = time.monotonic()
-
-
-def _param_of(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body" and not isinstance(p, int)]
-    return ".".join(parts) or None
-
-
 def create_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app: every route behind `serving.auth.require_key` (open unless the
+    deployment sets keys), errors in OpenAI's body, the middlewares outermost last."""
     app = FastAPI(
-        title="attnlm", description="Completions, next-token and attention maps", version="0.1.0"
+        title="attnlm",
+        description="Completions, next-token and attention maps",
+        version="0.1.0",
+        dependencies=[Depends(require_key)],
     )
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return error_response(400, "request body is not valid JSON", code="invalid_json")
-        param = _param_of(tuple(first.get("loc", ())))
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            message = f"unknown field {param!r}"
-        elif first.get("type") == "missing":
-            message = f"missing required field {param!r}"
-        else:
-            message = f"{param}: {message}" if param else message
-        return error_response(400, message, param=param, code=first.get("type"))
-
-    @app.exception_handler(EngineError)
-    async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        return error_response(exc.status, str(exc), param=exc.param, code=exc.code)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
-        )
-
+    install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(ActiveRequests)  # added last: the outermost, sees requests first
+    app.add_middleware(ActiveRequests)  # counts requests from before their body is read
+    app.add_middleware(ErrorGuard)  # added last: the outermost, sees requests first
     return app
 
 
@@ -207,9 +125,11 @@ def _attention_options(source: AttentionOptionsModel | bool | None) -> Attention
     )
 
 
-def _completion_params(request: CompletionRequest) -> CompletionParams:
+def _completion_params(
+    request: CompletionRequest, timeout_s: float | None = None
+) -> CompletionParams:
     """The engine's parameters of a completion request (`max_tokens` null: the default; a
-    `top_p` of 1: no nucleus sampling)."""
+    `top_p` of 1: no nucleus sampling), with a deadline `timeout_s` from now (None: none)."""
     return CompletionParams(
         max_tokens=DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens,
         temperature=request.temperature,
@@ -221,7 +141,15 @@ def _completion_params(request: CompletionRequest) -> CompletionParams:
         echo=request.echo,
         logprobs=request.logprobs,
         attention=_attention_options(request.return_attention),
+        deadline=None if timeout_s is None else Deadline.after(timeout_s),
     )
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a request, each a text or token ids (OpenAI's four forms of `prompt`)."""
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
 
 
 def _attention_dict(result) -> dict[str, Any]:
@@ -235,6 +163,19 @@ def _attention_dict(result) -> dict[str, Any]:
         "aggregation": result.aggregation,
         "attention": result.attention,
     }
+
+
+def _error_event(err: Exception) -> str:
+    """One server-sent event with OpenAI's error body: an EngineError's own, or a 500's
+    (logged with the request id) for anything else. (Defined above the deployment class, as
+    everything its methods use: Ray pickles the class, with the globals it finds, at import.)"""
+    if isinstance(err, EngineError):
+        body = error_body(str(err), err.param, err.code, error_type(err.status))
+    else:
+        rid = request_id()
+        logger.exception("stream of request %s failed with an unexpected error", rid)
+        body = internal_error_body(rid)
+    return f"data: {dumps(body).decode()}\n\n"
 
 
 def _replica_name() -> str:
@@ -258,6 +199,10 @@ def _node_id() -> str | None:
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
     health_check_period_s=10,
+    # a replica told to stop (scale down, redeploy, shutdown) takes no new requests and finishes
+    # those it holds, checking every second, before it exits
+    graceful_shutdown_wait_loop_s=1.0,
+    graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
     user_config=asdict(DEFAULTS),
 )
 @serve.ingress(app)
@@ -268,7 +213,13 @@ class AttnLMServer:
         device: str | None = None,
         dtype: str | None = None,
         model_name: str | None = None,
+        api_keys: str | list[str] | None = None,
+        metrics_require_key: bool = False,
     ) -> None:
+        """Load `artifact`, served as `model_name` (default the folder's name); `api_keys` (with
+        those of $ATTNLM_API_KEY, `serving.auth`) guard every route but /health and the viewer
+        page, /metrics too with `metrics_require_key`."""
+        access = Access.configure(api_keys, metrics_require_key)
         self.engine = Engine(artifact, device=device, dtype=dtype)
         if model_name is not None:  # the served model id; the engine's default: the folder's name
             self.engine.model_name = model_name
@@ -278,6 +229,9 @@ class AttnLMServer:
         self.replica = _replica_name()
         self.node_id = _node_id()
         self.metrics = ServerMetrics()
+        # one replica per process: the module's app is this replica's
+        app.state.access, app.state.metrics = access, self.metrics
+        app.openapi = contract(app, ModelBounds.of(self.engine), access)
         # Completion threads mostly wait for the engine's shared decode steps: a pool of their
         # own, as large as the requests a replica takes, so that all of them decode together
         # (asyncio's default pool has min(32, CPUs + 4) threads).
@@ -285,7 +239,7 @@ class AttnLMServer:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config (`ServerSettings`): batch size and wait of the batched forwards, the
-        in-flight bound; keys left out keep their defaults."""
+        in-flight bound, the completions' time limit; keys left out keep their defaults."""
         self.settings = ServerSettings.from_user_config(config)
         for batched in (self._next_token_batch, self._attention_batch):
             batched.set_max_batch_size(self.settings.max_batch_size)
@@ -327,6 +281,9 @@ class AttnLMServer:
         except EngineError as err:
             self.metrics.error(endpoint, err.status)
             return error_response(err.status, str(err), param=err.param, code=err.code)
+        except Exception:  # serving.http.ErrorGuard answers it (a 500) and logs it
+            self.metrics.error(endpoint, 500)
+            raise
         finally:
             self.in_flight -= 1
             elapsed = time.perf_counter() - start
@@ -395,7 +352,7 @@ class AttnLMServer:
         return [(m, secs) for m in maps]
 
     # -- endpoints ------------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses=responses(Health, *GET_ERRORS))
     async def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
@@ -404,7 +361,7 @@ class AttnLMServer:
             "node_id": self.node_id,
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses=responses(ModelList, *GET_ERRORS))
     async def models(self) -> dict[str, Any]:
         return {
             "object": "list",
@@ -428,15 +385,15 @@ class AttnLMServer:
             ],
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=responses(None, *GET_ERRORS))
     async def metrics(self) -> Response:
         return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, responses=responses(None, *GET_ERRORS))
     async def viewer(self) -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
-    @app.post("/v1/next-token")
+    @app.post("/v1/next-token", responses=responses(NextTokenResponse, *POST_ERRORS))
     async def next_token(self, request: NextTokenRequest) -> Response:
         async def work():
             self._check_model(request.model)
@@ -457,7 +414,7 @@ class AttnLMServer:
 
         return await self._admit("next-token", work)
 
-    @app.post("/v1/attention")
+    @app.post("/v1/attention", responses=responses(AttentionResponse, *POST_ERRORS))
     async def attention(self, request: AttentionRequest) -> Response:
         async def work():
             self._check_model(request.model)
@@ -472,7 +429,7 @@ class AttnLMServer:
 
         return await self._admit("attention", work)
 
-    @app.post("/v1/probe")
+    @app.post("/v1/probe", responses=responses(ProbeResponse, *POST_ERRORS))
     async def probe(self, request: ProbeRequest) -> Response:
         async def work():
             self._check_model(request.model)
@@ -483,28 +440,43 @@ class AttnLMServer:
 
         return await self._admit("probe", work)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses=responses(CompletionResponse, *POST_ERRORS, 504, content=EVENT_STREAM),
+    )
     async def completions(self, request: CompletionRequest) -> Response:
         async def work():
             self._check_model(request.model)
-            prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-            if not prompts:
-                raise EngineError("prompt must not be an empty list", param="prompt")
-            params = _completion_params(request)
+            prompts = _prompts(request.prompt)
+            params = _completion_params(request, self.settings.request_timeout_s)
             for p in prompts:
                 self.engine.encode(p, param="prompt")
             completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-            if request.stream:
+            if request.stream:  # the engine checks the parameters here: a 400, not an event
+                streams = [self.engine.stream(p, params) for p in prompts]
                 return StreamingResponse(
-                    self._stream(completion_id, prompts, params),
-                    media_type="text/event-stream",
+                    self._stream(completion_id, streams, params), media_type="text/event-stream"
                 )
-            return await self._in_decode_thread(self._complete, completion_id, prompts, params)
+            return await self._in_time(
+                params.deadline, self._complete, completion_id, prompts, params
+            )
 
         return await self._admit("completions", work)
 
+    async def _in_time(self, deadline: Deadline | None, fn, *args):
+        """fn(*args) on the decode thread pool, answered by the deadline at the latest (504): the
+        engine itself stops decoding at its next step, freeing the slots."""
+        if deadline is None:
+            return await self._in_decode_thread(fn, *args)
+        try:
+            return await asyncio.wait_for(
+                self._in_decode_thread(fn, *args), max(0.0, deadline.remaining())
+            )
+        except asyncio.TimeoutError:
+            raise deadline.error() from None
+
     def _complete(
-        self, completion_id: str, prompts: list[str], params: CompletionParams
+        self, completion_id: str, prompts: list[str | list[int]], params: CompletionParams
     ) -> dict[str, Any]:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for p_index, prompt in enumerate(prompts):
@@ -537,17 +509,20 @@ class AttnLMServer:
         }
 
     async def _stream(
-        self, completion_id: str, prompts: list[str], params: CompletionParams
+        self, completion_id: str, streams: list[Iterator[CompletionDelta]], params: CompletionParams
     ) -> AsyncIterator[str]:
+        """Server-sent events of the completion, one engine stream per prompt; an error (the
+        deadline, anything unexpected) is one `data: {"error": ...}` event, then `data: [DONE]`.
+        A stream left behind is closed when dropped (CPython frees it at once), freeing its
+        decode slots; the engine also stops one past its deadline at its next step."""
         created = int(time.time())
         generated = 0
-        for p_index, prompt in enumerate(prompts):
-            deltas = iter(self.engine.stream(prompt, params))
+        for p_index, deltas in enumerate(streams):
             while True:
                 try:
-                    delta = await self._in_decode_thread(next, deltas, None)
-                except EngineError as err:
-                    yield f"data: {dumps(error_body(str(err), err.param, err.code)).decode()}\n\n"
+                    delta = await self._in_time(params.deadline, next, deltas, None)
+                except Exception as err:
+                    yield _error_event(err)
                     yield "data: [DONE]\n\n"
                     return
                 if delta is None:
@@ -575,9 +550,11 @@ class AttnLMServer:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / config files: args `artifact` (required), `device`,
     `dtype`, `model_name` (the served model id: `/v1/models`, the `model` of requests and
-    responses; default the artifact folder's name). They are checked here, before any replica
-    starts (`check_app_args`): a bad one fails the application with one line."""
+    responses; default the artifact folder's name), `api_keys` (a key or a list;
+    $ATTNLM_API_KEY adds to them), `metrics_require_key`. They are checked here, before any
+    replica starts (`check_app_args`): a bad one fails the application with one line."""
     args = check_app_args(args)
+    access = {k: args[k] for k in ("api_keys", "metrics_require_key") if k in args}
     return AttnLMServer.bind(
-        args["artifact"], args.get("device"), args.get("dtype"), args.get("model_name")
+        args["artifact"], args.get("device"), args.get("dtype"), args.get("model_name"), **access
     )

@@ -23,9 +23,10 @@ import torch
 import yaml
 
 from attnlm.artifact import load_artifact
+from serving.auth import Access
 from serving.engine import _DTYPES
 
-APP_ARGS = ("artifact", "device", "dtype", "model_name")
+APP_ARGS = ("artifact", "device", "dtype", "model_name", "api_keys", "metrics_require_key")
 BUILDER = "serving.app:build_app"  # the import_path whose args these are
 
 
@@ -58,6 +59,10 @@ def check_app_args(args: dict[str, Any]) -> dict[str, Any]:
         errors.append(f"'dtype' must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
         errors.append(f"'model_name' must be a non-empty string, got {model_name!r}")
+    try:  # the keys alone: those of $ATTNLM_API_KEY join them in each replica
+        Access.configure(args.get("api_keys"), args.get("metrics_require_key", False), environ={})
+    except (TypeError, ValueError) as err:
+        errors.append(str(err))
     if errors:
         raise ValueError("bad application args: " + "; ".join(errors))
     artifact = str(Path(artifact).resolve())

@@ -63,6 +63,7 @@ from serving.params import (
     is_int,
 )
 from serving.sentence_probe import probe_sentence
+from serving.text import check_text, check_token_ids, context_exceeded, max_text_chars
 
 DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions decode in
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,6 +257,7 @@ class Engine:
         self.info = loaded.info
         self.model_name = Path(artifact).resolve().name
         self.max_context = self.config.block_size
+        self._max_text_chars = max_text_chars(self.tokenizer, self.max_context)
         self._forwards = TextForwards(
             self.model, self.tokenizer.vocab_size, self.max_context, self.device
         )
@@ -275,18 +277,18 @@ class Engine:
         )
 
     # -- validation ---------------------------------------------------------------------------------
-    def encode(self, text: str, param: str = "text") -> list[int]:
-        """Token ids of `text`; EngineError when it is not a string, empty, or over the context."""
-        if not isinstance(text, str):
-            raise invalid(f"{param} must be a string", param)
-        if not text:
-            raise EngineError(f"{param} must not be empty", param=param, code="empty_text")
-        ids = self.tokenizer.encode(text)
-        if len(ids) > self.max_context:
-            raise EngineError(
-                f"{param} is {len(ids)} tokens; the context window is {self.max_context} tokens",
-                param=param,
-                code="context_length_exceeded",
+    def encode(self, text: str | list[int], param: str = "text") -> list[int]:
+        """Token ids of `text`, or the token ids given (a prompt); EngineError when it is empty,
+        not valid Unicode, an id out of the vocabulary, or over the context (`serving.text`)."""
+        if isinstance(text, list):
+            ids = check_token_ids(text, self.tokenizer.vocab_size, param)
+        else:
+            check_text(text, param)
+            # over the context even in the longest tokens: not worth tokenizing (a 1 MiB text ~1 s)
+            ids = self.tokenizer.encode(text) if len(text) <= self._max_text_chars else None
+        if ids is None or len(ids) > self.max_context:
+            raise context_exceeded(
+                param, None if ids is None else len(ids), len(text), self.max_context
             )
         return ids
 
@@ -301,7 +303,7 @@ class Engine:
         if not is_int(top_k) or not 1 <= top_k <= vocab:
             raise invalid(f"top_k must be an integer in 1..{vocab}, got {top_k!r}", "top_k")
 
-    def _check_completion(self, prompt: str, params: CompletionParams) -> list[int]:
+    def _check_completion(self, prompt: str | list[int], params: CompletionParams) -> list[int]:
         if not isinstance(params, CompletionParams):
             raise TypeError(f"params must be CompletionParams, got {type(params).__name__}")
         if params.max_tokens > self.max_tokens_limit:
@@ -395,9 +397,11 @@ class Engine:
         )
 
     # -- completions ------------------------------------------------------------------------------------
-    def complete(self, prompt: str, params: CompletionParams) -> Completion:
-        """`params.n` samples continuing `prompt`, decoded together on the KV cache."""
+    def complete(self, prompt: str | list[int], params: CompletionParams) -> Completion:
+        """`params.n` samples continuing `prompt` (a text or token ids), decoded together on the
+        KV cache."""
         run = self._start(prompt, params)
+        prompt = run.prompt
         for _ in self._steps(run):
             pass
         base = len(prompt) if params.echo else 0
@@ -424,7 +428,9 @@ class Engine:
             completion_tokens=sum(len(row.generated) for row in run.rows),
         )
 
-    def stream(self, prompt: str, params: CompletionParams) -> Iterator[CompletionDelta]:
+    def stream(
+        self, prompt: str | list[int], params: CompletionParams
+    ) -> Iterator[CompletionDelta]:
         """`complete` one delta at a time: per step and choice, the text that became final (an
         incomplete UTF-8 character or a possible start of a stop string is held back); each
         choice's last delta has its finish_reason (and, with attention, its map). The parameters
@@ -467,8 +473,10 @@ class Engine:
                 delta.tokens, delta.attention = attention["tokens"], attention
         return delta
 
-    def _start(self, prompt: str, params: CompletionParams) -> _Run:
+    def _start(self, prompt: str | list[int], params: CompletionParams) -> _Run:
         prompt_ids = self._check_completion(prompt, params)
+        if not isinstance(prompt, str):  # token ids: echo writes their text
+            prompt = self.tokenizer.decode(prompt_ids)
         rows = [Row(self.tokenizer, params.stop, self.tokenizer.eot_id) for _ in range(params.n)]
         return _Run(prompt, prompt_ids, params, rows)
 
@@ -503,6 +511,8 @@ class Engine:
                 yield
                 if all(row.finish_reason is not None for row in run.rows):
                     break
+                if params.deadline is not None:  # a 504 past it; `finally` frees the slots
+                    params.deadline.check()
         finally:
             steps.close()
         for row in run.rows:

@@ -21,6 +21,8 @@ DEFAULT_TOP_K = 10  # next-token alternatives
 DEFAULT_MAX_TOKENS = 16  # tokens per completion (OpenAI's default)
 MAX_N = 16  # samples per completion request
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's legacy completions
+# seeds: integers exact as JSON numbers everywhere (JavaScript, float-based JSON tools)
+MIN_SEED, MAX_SEED = -(2**53 - 1), 2**53 - 1
 
 # HTTP only: the engine itself takes any number of stop strings and any temperature >= 0
 MAX_STOP = 4  # stop strings per completion request (OpenAI's limit)

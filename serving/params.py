@@ -8,6 +8,7 @@ request models and writes the results as JSON.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from serving.limits import (
     MAX_DECIMALS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_SEED,
+    MIN_SEED,
 )
 
 
@@ -96,6 +99,35 @@ class AttentionQuery:
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """When a request must have ended (`time.monotonic()` seconds) and the limit that set it; past
+    it, the request ends with a 504 (`error`)."""
+
+    at: float
+    limit_s: float
+
+    @classmethod
+    def after(cls, limit_s: float) -> Deadline:
+        return cls(time.monotonic() + limit_s, limit_s)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self) -> None:
+        """Raise `error()` once the deadline has passed."""
+        if time.monotonic() >= self.at:
+            raise self.error()
+
+    def error(self) -> EngineError:
+        return EngineError(
+            f"the request did not finish within the server's time limit of {self.limit_s:g} s; "
+            "ask for fewer tokens, or retry",
+            code="timeout",
+            status=504,
+        )
+
+
+@dataclass(frozen=True)
 class CompletionParams:
     """OpenAI legacy-completions sampling parameters; checked at construction (`max_tokens`'s
     upper limit by the engine)."""
@@ -110,6 +142,7 @@ class CompletionParams:
     echo: bool = False  # prepend the prompt to each choice's text
     logprobs: int | None = None  # the chosen token's and this many (0..MAX_LOGPROBS) top logprobs
     attention: AttentionOptions | None = None  # return the map over prompt + completion
+    deadline: Deadline | None = None  # stop decoding past it, with a 504 EngineError
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -130,8 +163,10 @@ class CompletionParams:
             raise invalid(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise invalid(f"top_k must be an integer >= 1, got {self.top_k!r}", "top_k")
-        if self.seed is not None and not is_int(self.seed):
-            raise invalid(f"seed must be an integer, got {self.seed!r}", "seed")
+        if self.seed is not None and not (is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED):
+            raise invalid(
+                f"seed must be an integer in {MIN_SEED}..{MAX_SEED}, got {self.seed!r}", "seed"
+            )
         if not is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise invalid(f"n must be an integer in 1..{MAX_N}, got {self.n!r}", "n")
         if not isinstance(self.echo, bool):
@@ -145,6 +180,8 @@ class CompletionParams:
             )
         if self.attention is not None and not isinstance(self.attention, AttentionOptions):
             raise invalid("attention must be AttentionOptions or None", "attention")
+        if self.deadline is not None and not isinstance(self.deadline, Deadline):
+            raise invalid("deadline must be a Deadline or None", "deadline")
 
 
 # -- results -----------------------------------------------------------------------------------------

@@ -3,23 +3,31 @@
 Requests are strict (a string where a number belongs is a 400, not a silent cast) and reject
 unknown fields, except the OpenAI completion fields we accept for client compatibility. Bounds,
 defaults and choices come from `serving.limits`, the constants the engine checks, so the OpenAPI
-schema (/openapi.json) states the constraints requests meet; what depends on the model (the
-context window, `top_k` up to the vocabulary, layer and head indices) the engine checks.
+schema (/openapi.json) states the constraints requests meet. Every text field is a `Text`: not
+empty, valid Unicode (`serving.text`). What depends on the model (the context window in tokens,
+`top_k` and token ids up to the vocabulary, layer and head indices) the engine checks; the
+served schema states those bounds too (`serving.openapi`), all but the context, which no JSON
+schema can count.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictBool,
     StrictInt,
     StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from serving.limits import (
     DEFAULT_DECIMALS,
@@ -28,11 +36,86 @@ from serving.limits import (
     MAX_DECIMALS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_SEED,
     MAX_STOP,
     MAX_TEMPERATURE,
+    MIN_SEED,
     Aggregation,
     Encoding,
 )
+from serving.text import unicode_error
+
+
+def _unicode(value: Any) -> Any:
+    """A string with a lone surrogate is an `invalid_text` error, named before pydantic's own
+    checks (whose `string_unicode` error says less)."""
+    error = unicode_error(value) if isinstance(value, str) else None
+    if error is not None:
+        raise PydanticCustomError("invalid_text", error)
+    return value
+
+
+_Unicode = BeforeValidator(_unicode)
+
+
+def _integral(value: Any) -> Any:
+    """`value` with every float that has no fraction made an int: JSON Schema's "integer" is
+    any such number (3 and 3.0 alike), so integer fields take both; a float field takes the int
+    as it took the float. Strings and booleans stay what they are (strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    return value
+
+
+# a text field: a non-empty string of valid Unicode (no lone surrogate escapes)
+Text = Annotated[StrictStr, Field(min_length=1), _Unicode]
+# the probe's named words must hold a word: not only whitespace (str.strip's, see _Strict)
+Word = Annotated[StrictStr, Field(min_length=1, pattern=r"\S"), _Unicode]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+_PROMPT_KINDS = Union[Text, Annotated[list[Text], Field(min_length=1)], TokenIds]  # noqa: UP007
+_PROMPT_SCHEMA = Union[_PROMPT_KINDS, Annotated[list[TokenIds], Field(min_length=1)]]  # noqa: UP007
+_PROMPT_ADAPTERS = {
+    "text": TypeAdapter(Text),
+    "texts": TypeAdapter(list[Text]),
+    "ids": TypeAdapter(TokenIds),
+    "id lists": TypeAdapter(list[TokenIds]),
+}
+
+
+def _prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
+    """OpenAI's prompt: a text, a list of texts, token ids, or a list of token-id lists; one
+    error naming what is wrong (a union would report one error per kind)."""
+    if isinstance(value, str):
+        kind = "text"
+    elif not isinstance(value, list):
+        raise PydanticCustomError(
+            "prompt_type",
+            "must be a string, a list of strings, or token ids (a list of integers "
+            "or a list of such lists)",
+        )
+    elif not value:
+        raise PydanticCustomError("empty_list", "prompt must not be an empty list")
+    elif isinstance(value[0], list):
+        kind = "id lists"
+    elif isinstance(value[0], (int, float)) and not isinstance(value[0], bool):
+        kind = "ids"
+    else:
+        kind = "texts"
+    try:
+        return _PROMPT_ADAPTERS[kind].validate_python(value, strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "".join(f"[{i}]" for i in first["loc"])
+        raise PydanticCustomError(
+            first["type"], f"{where}: {first['msg']}" if where else first["msg"]
+        ) from None
+
+
+Prompt = Annotated[Any, PlainValidator(_prompt, json_schema_input_type=_PROMPT_SCHEMA)]
 
 
 def _listed(value: Any) -> Any:
@@ -40,45 +123,55 @@ def _listed(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-_StopList = Annotated[list[StrictStr], Field(max_length=MAX_STOP)]
+_StopList = Annotated[list[Text], Field(max_length=MAX_STOP)]
 StopStrings = Annotated[
-    _StopList | None, BeforeValidator(_listed, json_schema_input_type=StrictStr | _StopList | None)
+    _StopList | None,
+    BeforeValidator(_listed, json_schema_input_type=StrictStr | _StopList | None),
+    # minLength beside anyOf binds the one-string form (and only strings): no empty stop string
+    Field(json_schema_extra={"minLength": 1}),
 ]
+Indices = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # python-re: a pattern's \s is str.isspace(), what the engine strips (Rust's regex differs)
+    model_config = ConfigDict(strict=True, extra="forbid", regex_engine="python-re")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers(cls, data: Any) -> Any:
+        return _integral(data)
 
 
 class AttentionOptionsModel(_Strict):
-    layers: list[StrictInt] | None = None
-    heads: list[StrictInt] | None = None
+    layers: Indices | None = None  # each < the model's layers (the served schema says how many)
+    heads: Indices | None = None
     aggregation: Aggregation = "none"
     encoding: Encoding = "json"
     decimals: StrictInt = Field(DEFAULT_DECIMALS, ge=0, le=MAX_DECIMALS)
 
 
 class AttentionRequest(AttentionOptionsModel):
-    model: StrictStr | None = None
-    text: StrictStr
+    model: Text | None = None
+    text: Text
 
 
 class NextTokenRequest(_Strict):
-    model: StrictStr | None = None
-    text: StrictStr
-    top_k: StrictInt = Field(DEFAULT_TOP_K, ge=1)
+    model: Text | None = None
+    text: Text
+    top_k: StrictInt = Field(DEFAULT_TOP_K, ge=1)  # up to the vocabulary
 
 
 class ProbeRequest(_Strict):
-    model: StrictStr | None = None
-    text: StrictStr
-    subject: StrictStr | None = None  # the subject's head noun, when the lexicon does not find it
-    verb: StrictStr | None = None  # the main verb, when the grammar rules do not find it
+    model: Text | None = None
+    text: Text
+    subject: Word | None = None  # the subject's head noun, when the lexicon does not find it
+    verb: Word | None = None  # the main verb, when the grammar rules do not find it
 
 
 class CompletionRequest(_Strict):
-    model: StrictStr
-    prompt: StrictStr | list[StrictStr]
+    model: Text
+    prompt: Prompt  # str | list[str] | list[int] | list[list[int]]
     max_tokens: StrictInt | None = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -89,8 +182,8 @@ class CompletionRequest(_Strict):
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
     stop: StopStrings = None  # a string is a list of one
-    seed: StrictInt | None = None
-    user: StrictStr | None = None
+    seed: StrictInt | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    user: Annotated[StrictStr, _Unicode] | None = None
     # OpenAI fields without an effect here: accepted at their neutral values only
     presence_penalty: float | None = Field(None, ge=0.0, le=0.0)
     frequency_penalty: float | None = Field(None, ge=0.0, le=0.0)

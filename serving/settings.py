@@ -23,6 +23,9 @@ class ServerSettings:
     max_batch_size: int = 16  # next-token / attention requests batched into one engine call
     batch_wait_timeout_s: float = 0.005  # how long a batch waits to fill
     max_in_flight: int = 48  # requests inside the app; beyond, 503 with Retry-After
+    # a completion (streamed or not) still running after this many seconds ends with a 504
+    # (an error event on a stream) and frees its decode slots; None: no limit
+    request_timeout_s: float | None = 60.0
 
     def __post_init__(self) -> None:
         errors = []
@@ -33,6 +36,11 @@ class ServerSettings:
         wait = self.batch_wait_timeout_s
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
             errors.append(f"batch_wait_timeout_s must be a number >= 0, got {wait!r}")
+        limit = self.request_timeout_s
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
+        ):
+            errors.append(f"request_timeout_s must be a number > 0 or null, got {limit!r}")
         if errors:
             raise ValueError("invalid user_config: " + "; ".join(errors))
 
@@ -45,3 +53,8 @@ class ServerSettings:
         if unknown:
             raise ValueError(f"invalid user_config: unknown key(s) {', '.join(unknown)}")
         return cls(**config)
+
+
+# how long a replica told to stop may take to finish the requests it holds: past the default
+# time limit of a completion, so that a drained replica ends every one of them
+GRACEFUL_SHUTDOWN_TIMEOUT_S = ServerSettings().request_timeout_s + 5.0

@@ -1,6 +1,10 @@
-"""Ray Serve on 127.0.0.1, real HTTP: every endpoint, every bad input, overload, the openai client.
+"""Ray Serve on 127.0.0.1, real HTTP: every endpoint, every bad input, overload, the openai client;
+bad text in every text field, token-id prompts, API keys, deadlines, a replica killed under load
+and one drained while it streams.
 
-One Ray start and one deployment are shared by the module (Ray takes ~15 s to come up here).
+One Ray start is shared by the module (Ray takes ~15 s to come up here), with serving/proxy.py's
+middleware in its proxy; the main deployment serves most tests, others beside it on their own
+route prefix (num_cpus 0: the two CPUs go to the main and the LSTM deployment).
 """
 
 from __future__ import annotations
@@ -9,9 +13,11 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import socket
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -43,22 +49,43 @@ def wait_healthy(client: httpx.Client, path: str, tries: int = 120) -> None:
     pytest.fail(f"{path} did not become healthy")
 
 
+PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.proxy:middlewares"}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def artifact(tmp_path_factory):
+    return build_tiny_artifact(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def ray_dir() -> str:
+    """Ray's temp dir: its session logs are searched for API keys."""
+    return tempfile.mkdtemp(prefix="ray", dir="/tmp")
+
+
+@pytest.fixture(scope="module")
+def server(artifact, ray_dir):
     from serving.app import AttnLMServer
 
-    artifact = build_tiny_artifact(tmp_path_factory.mktemp("serve") / "tiny")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    saved = {k: os.environ.get(k) for k in PROXY_CALLBACK}
+    os.environ.update(PROXY_CALLBACK)  # Ray's proxy reads it when it starts (serving/proxy.py)
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=ray_dir,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+        )
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     app = AttnLMServer.options(
         user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_in_flight": 6},
         ray_actor_options={"num_cpus": 1},
@@ -460,3 +487,318 @@ def test_official_openai_client(server):
     assert text == completion.choices[0].text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
+
+
+# -- bad text, token-id prompts ---------------------------------------------------------------------
+SURROGATE = "ab\ud800cd"  # json.dumps writes it as the escape "\ud800": valid JSON, no Unicode text
+TEXT_FIELDS = [
+    ("/v1/next-token", lambda t: {"text": t}, "text"),
+    ("/v1/attention", lambda t: {"text": t}, "text"),
+    ("/v1/probe", lambda t: {"text": t}, "text"),
+    ("/v1/probe", lambda t: {"text": "The cat sleeps.", "subject": t}, "subject"),
+    ("/v1/probe", lambda t: {"text": "The cat sleeps.", "verb": t}, "verb"),
+    ("/v1/completions", lambda t: {"model": "tiny", "prompt": t, "max_tokens": 2}, "prompt"),
+    ("/v1/completions", lambda t: {"model": "tiny", "prompt": ["ok", t]}, "prompt"),
+    ("/v1/completions", lambda t: {"model": "tiny", "prompt": "x", "stop": [t]}, "stop"),
+    ("/v1/completions", lambda t: {"model": "tiny", "prompt": "x", "stop": t}, "stop"),
+]
+
+
+def post_json(client: httpx.Client, path: str, body: dict) -> httpx.Response:
+    """POST `body` written by json.dumps, which escapes a lone surrogate as JSON allows."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    "path, body, param", TEXT_FIELDS, ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_lone_surrogates_and_empty_text_are_400s_in_every_text_field(server, path, body, param):
+    for stream in (False, True) if path == "/v1/completions" else (False,):
+        extra = {"stream": True} if stream else {}
+        error = assert_error(post_json(server, path, {**body(SURROGATE), **extra}), 400, param)
+        assert error["code"] == "invalid_text" and "U+D800" in error["message"]
+        assert_error(post_json(server, path, {**body(""), **extra}), 400, param)
+    assert server.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/next-token", {"text": "a\x00b\x07\x1b[31m\x7f", "top_k": 2}),
+        ("/v1/attention", {"text": "tab\there\r\nNUL\x00"}),
+        ("/v1/probe", {"text": "The cats\x00 near the dog\x01 sleep."}),
+        ("/v1/completions", {"model": "tiny", "prompt": "a\x00b", "stop": ["\x00", "\x1f"]}),
+        ("/v1/completions", {"model": "tiny", "prompt": "\x01", "stream": True}),
+    ],
+)
+def test_control_characters_are_text_like_any_other(server, path, body):
+    response = post_json(server, path, body)
+    assert response.status_code == 200, response.text
+    if "text" in body:
+        data = response.json()
+        assert (
+            server.post("/v1/next-token", json={"text": body["text"]}).json()["token_ids"]
+            == (data["token_ids"])
+        )
+
+
+def test_a_very_long_word_is_a_quick_400(server):
+    word = "a" * 500_000  # under the 1 MiB body limit; ~0.3 s to tokenize, were it tokenized
+    for path, body, param in TEXT_FIELDS[:3] + TEXT_FIELDS[5:6]:
+        start = time.perf_counter()
+        error = assert_error(post_json(server, path, body(word)), 400, param)
+        assert error["code"] == "context_length_exceeded" and "64 tokens" in error["message"]
+        assert time.perf_counter() - start < 2.0, path
+
+
+def test_prompts_of_token_ids(server):
+    ids = server.post("/v1/next-token", json={"text": "The cat sat"}).json()["token_ids"]
+    greedy = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+    by_text = server.post("/v1/completions", json={**greedy, "prompt": "The cat sat"}).json()
+    by_ids = server.post("/v1/completions", json={**greedy, "prompt": ids, "echo": True}).json()
+    assert by_ids["choices"][0]["text"] == "The cat sat" + by_text["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+    two = server.post("/v1/completions", json={**greedy, "prompt": [ids, ids[:1]]}).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["choices"][0]["text"] == by_text["choices"][0]["text"]
+    error = assert_error(
+        server.post("/v1/completions", json={**greedy, "prompt": [ids[0], 100000]}), 400, "prompt"
+    )
+    assert "100000" in error["message"] and error["code"] == "invalid_token_id"
+    for bad in ([], [[]], [ids, []], [-1], ["a", 1]):
+        assert_error(server.post("/v1/completions", json={**greedy, "prompt": bad}), 400, "prompt")
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    completion = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0)
+    assert completion.choices[0].text == by_text["choices"][0]["text"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=[100000], max_tokens=1)
+
+
+# -- API keys, deadlines -------------------------------------------------------------------------------
+KEYS = ("sk-test-first", "sk-test-second")
+
+
+def deploy(name: str, artifact, bind: dict | None = None, **options) -> None:
+    """An app of its own beside the main one, on /NAME: `bind` the deployment's arguments
+    besides the artifact, `options` its `.options()`."""
+    from serving.app import AttnLMServer
+
+    options = {"name": name.title(), "ray_actor_options": {"num_cpus": 0}, **options}
+    app = AttnLMServer.options(**options).bind(str(artifact), **(bind or {}))
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+
+
+@pytest.fixture(scope="module")
+def guarded(server, artifact):
+    """/guarded: two keys, /metrics behind them too. ($ATTNLM_API_KEY is read in the replica's
+    environment, tests/unit/test_auth.py; not set here through runtime_env, whose env_vars
+    Ray's runtime_env agent writes to its log.)"""
+    deploy("guarded", artifact, bind={"api_keys": list(KEYS), "metrics_require_key": True})
+    wait_healthy(server, "/guarded/health")
+    yield server
+    serve.delete("guarded")
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_keys_guard_every_route_but_health_and_the_page(guarded):
+    client, body = guarded, {"text": "The cat"}
+    for headers in ({}, bearer("sk-wrong"), {"Authorization": KEYS[0]}):
+        response = client.post("/guarded/v1/next-token", json=body, headers=headers)
+        error = assert_error(response, 401)
+        assert (
+            error["code"] == "invalid_api_key" and response.headers["www-authenticate"] == "Bearer"
+        )
+    for key in KEYS:
+        assert (
+            client.post("/guarded/v1/next-token", json=body, headers=bearer(key)).status_code == 200
+        )
+    assert client.get("/guarded/health").status_code == 200
+    assert client.get("/guarded/").status_code == 200  # the viewer page asks for the key itself
+    assert client.get("/guarded/openapi.json").status_code == 200
+    assert_error(client.get("/guarded/v1/models"), 401)
+    assert_error(client.get("/guarded/metrics"), 401)  # metrics_require_key
+    metrics = client.get("/guarded/metrics", headers=bearer(KEYS[1]))
+    assert 'attnlm_errors_total{endpoint="next-token",status="401"} 3.0' in metrics.text
+    assert not any(k in metrics.text for k in (*KEYS, "sk-wrong"))
+    assert client.get("/metrics").status_code == 200  # the open deployment's stay open
+
+
+def test_official_openai_client_with_an_api_key(guarded):
+    openai = pytest.importorskip("openai")
+    base = f"{guarded.base_url}/guarded/v1"
+    client = openai.OpenAI(base_url=base, api_key=KEYS[1])
+    completion = client.completions.create(model="tiny", prompt="The cat", max_tokens=3)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert client.models.list().data[0].id == "tiny"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="sk-wrong").completions.create(
+            model="tiny", prompt="The cat", max_tokens=3
+        )
+
+
+def test_api_keys_never_reach_the_logs(guarded, ray_dir):
+    guarded.post("/guarded/v1/next-token", json={"text": "x"}, headers=bearer("sk-test-wrong"))
+    guarded.post("/guarded/v1/next-token", json={"text": "x"}, headers=bearer(KEYS[0]))
+    time.sleep(1)  # log lines are flushed asynchronously
+    found = []
+    for path in Path(ray_dir).rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".out", ".err", ".txt", ".json"):
+            text = path.read_text(errors="replace")
+            found += [(path.name, k) for k in (*KEYS, "sk-test-wrong") if k in text]
+    assert not found, found
+
+
+def test_a_completion_past_its_deadline_is_a_504_or_an_error_event(server, artifact):
+    """A tiny request_timeout_s: every completion runs past it. (That the engine then frees the
+    decode slots: tests/unit/test_text.py.)"""
+    deploy("deadline", artifact, user_config={"request_timeout_s": 0.001})
+    wait_healthy(server, "/deadline/health")
+    body = {"model": "tiny", "prompt": "The cat", "max_tokens": 60, "n": 8, "temperature": 1.0}
+    try:
+        response = server.post("/deadline/v1/completions", json=body)
+        error = assert_error(response, 504, contains="time limit of 0.001 s")
+        assert (error["code"], error["type"]) == ("timeout", "server_error")
+
+        async def burst():  # 24 requests x 8 rows: 6 times the decode slots
+            async with httpx.AsyncClient(base_url=str(server.base_url), timeout=60) as client:
+                posts = [client.post("/deadline/v1/completions", json=body) for _ in range(24)]
+                return await asyncio.gather(*posts)
+
+        assert {r.status_code for r in asyncio.run(burst())} <= {504, 503}
+        stream = {**body, "stream": True}
+        with server.stream("POST", "/deadline/v1/completions", json=stream) as response:
+            assert response.status_code == 200
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+        assert server.post("/deadline/v1/next-token", json={"text": "The cat"}).status_code == 200
+    finally:
+        serve.delete("deadline")
+
+
+# -- a replica lost, a replica drained ----------------------------------------------------------------
+def replica_pids(app_name: str) -> list[int]:
+    """Process ids of the Serve replicas of `app_name` (their title is ray::ServeReplica:APP:...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and title.startswith(f"ray::ServeReplica:{app_name}:"):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def slow_artifact(tmp_path_factory):
+    """A wider model than the tiny one: completions that take a while on 2 cores."""
+    return build_tiny_artifact(
+        tmp_path_factory.mktemp("serve-slow") / "slow",
+        n_layer=4,
+        n_head=4,
+        n_embd=256,
+        block_size=256,
+    )
+
+
+async def completions_in_loops(base: str, path: str, body: dict, stop, results: list) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                response = await client.post(path, json=body)
+                results.append((start, time.monotonic(), response))
+            except httpx.TransportError as err:  # a connection cut: what must not happen
+                results.append((start, time.monotonic(), err))
+
+
+def test_a_replica_killed_under_load_answers_200s_or_retryable_503s(server, slow_artifact):
+    deploy("victim", slow_artifact)
+    wait_healthy(server, "/victim/health")
+    body = {"model": "slow", "prompt": "The cat", "max_tokens": 40, "n": 2, "temperature": 1.0}
+    results: list = []
+
+    def recovered_after(killed: float) -> list[float]:
+        return [
+            end
+            for start, end, r in results
+            if start > killed and getattr(r, "status_code", 0) == 200
+        ]
+
+    async def load_and_kill() -> float:
+        stop = asyncio.Event()
+        path = "/victim/v1/completions"
+        tasks = [
+            asyncio.ensure_future(
+                completions_in_loops(str(server.base_url), path, body, stop, results)
+            )
+            for _ in range(8)
+        ]
+        await asyncio.sleep(3)
+        (pid,) = replica_pids("victim")
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while not recovered_after(killed) and time.monotonic() - killed < 30:
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return killed
+
+    try:
+        killed = asyncio.run(load_and_kill())
+    finally:
+        serve.delete("victim")
+    outcomes = [
+        r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for *_, r in results
+    ]
+    assert set(outcomes) <= {200, 503}, outcomes
+    lost = [r for *_, r in results if isinstance(r, httpx.Response) and r.status_code == 503]
+    assert lost, "the kill should have caught requests in flight"
+    for response in lost:
+        assert response.headers["retry-after"] == "1"
+        error = response.json()["error"]
+        assert error["code"] in ("replica_unavailable", "unavailable", "overloaded"), error
+    recovered = recovered_after(killed)
+    assert recovered and min(recovered) - killed < 30  # a new replica answers
+
+
+def test_a_stopping_replica_finishes_the_requests_it_holds(server, slow_artifact):
+    deploy("drain", slow_artifact)
+    wait_healthy(server, "/drain/health")
+    body = {"model": "slow", "prompt": "The cat", "max_tokens": 150, "n": 8, "stream": True}
+
+    async def streams_across_a_delete() -> list[tuple[int, list[str]]]:
+        first_events = asyncio.Queue()
+
+        async def one(client: httpx.AsyncClient) -> tuple[int, list[str]]:
+            async with client.stream("POST", "/drain/v1/completions", json=body) as response:
+                events = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        if not events:
+                            first_events.put_nowait(None)
+                        events.append(line[6:])
+                return response.status_code, events
+
+        async with httpx.AsyncClient(base_url=str(server.base_url), timeout=120) as client:
+            tasks = [asyncio.ensure_future(one(client)) for _ in range(4)]
+            for _ in tasks:  # every stream under way
+                await first_events.get()
+            await asyncio.to_thread(serve.delete, "drain", False)  # the replica is told to stop
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(streams_across_a_delete())
+    for status, events in results:
+        assert status == 200 and events[-1] == "[DONE]"
+        assert not any('"error"' in e for e in events)
+        finished = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert finished.count(None) < len(finished)  # the choices ran to their end
+    for _ in range(60):  # then the replica goes
+        if not replica_pids("drain"):
+            break
+        time.sleep(0.5)
+    assert not replica_pids("drain")

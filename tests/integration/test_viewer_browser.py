@@ -1,4 +1,5 @@
-"""The attention viewer (serving/static/index.html) in headless Chromium, against a real tiny model.
+"""The attention viewer (serving/static/index.html) in headless Chromium, against a real tiny model;
+with a server that needs an API key, the key form (a same-origin harness page types the key).
 
 No Ray: a stdlib ThreadingHTTPServer serves the page at / and answers the API the page calls
 (/v1/models, /v1/attention, /v1/next-token, /v1/completions) with `serving.engine.Engine` over a
@@ -190,8 +191,41 @@ def lstm_server(tmp_path_factory) -> Iterator[tuple[str, _Api]]:
     yield from _serve(Engine(folder, device="cpu"))
 
 
-def _serve(engine) -> Iterator[tuple[str, _Api]]:
+KEY = "sk-browser-key"
+# A same-origin page that opens the viewer in a frame, gives the key when the viewer asks for it
+# (as a person would: type it, press the button) and writes what happened into its own DOM.
+KEY_HARNESS = (
+    """<!doctype html><html><body><pre id="out">waiting</pre>
+<iframe id="viewer" src="/?text=The+cat+sat." width="1000" height="700"></iframe>
+<script>
+const frame = document.getElementById("viewer"), out = document.getElementById("out");
+const asked = [];
+function tick() {
+  const d = frame.contentDocument, form = d && d.getElementById("key-form");
+  if (form && !form.hidden) {
+    const key = asked.length ? "__KEY__" : "sk-wrong";     // a wrong key first, then the right one
+    asked.push(d.getElementById("key-why").textContent);
+    d.getElementById("api-key").value = key;
+    d.getElementById("key-submit").click();
+  }
+  const status = d && d.getElementById("status");
+  if (status && status.textContent.trim() === "ready") {
+    out.textContent = JSON.stringify({asked, formHidden: form.hidden,
+                                      stored: sessionStorage.getItem("attnlm-api-key")});
+    return;
+  }
+  setTimeout(tick, 50);
+}
+frame.addEventListener("load", tick);
+</script></body></html>"""
+).replace("__KEY__", KEY)
+
+
+def _serve(engine, key: str | None = None) -> Iterator[tuple[str, _Api]]:
+    """The page and the API; with `key`, the API answers 401 without `Authorization: Bearer key`
+    (as serving/auth.py), and /key-harness drives the viewer's key form."""
     api = _Api(engine)
+    api.authorizations = []  # the Authorization header of every API request
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:  # quiet
@@ -207,14 +241,25 @@ def _serve(engine) -> Iterator[tuple[str, _Api]]:
         def _json(self, status: int, data: Any) -> None:
             self._send(status, json.dumps(data).encode(), "application/json")
 
+        def _unauthorized(self) -> bool:
+            api.authorizations.append(self.headers.get("Authorization"))
+            if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+                return False
+            self._json(401, _error("incorrect API key provided", code="invalid_api_key"))
+            return True
+
         def do_GET(self) -> None:
             path = urllib.parse.urlsplit(self.path).path
             if path == "/":
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-            else:
+            elif path == "/key-harness":
+                self._send(200, KEY_HARNESS.encode(), "text/html; charset=utf-8")
+            elif not self._unauthorized():
                 self._json(*api.handle("GET", path, None))
 
         def do_POST(self) -> None:
+            if self._unauthorized():
+                return
             length = int(self.headers.get("Content-Length") or 0)
             try:
                 body = json.loads(self.rfile.read(length) or b"null")
@@ -233,6 +278,11 @@ def _serve(engine) -> Iterator[tuple[str, _Api]]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(engine) -> Iterator[tuple[str, _Api]]:
+    yield from _serve(engine, key=KEY)
 
 
 @pytest.fixture(scope="module")
@@ -448,3 +498,25 @@ def test_lstm_model_shows_tokens_predictions_and_probe_without_a_map(chromium, l
     box = dom.by_id("probe")
     assert box.attrs["data-verdict"] in ("correct", "wrong") and "data-best-layer" not in box.attrs
     assert dom.by_class("thumb") == []
+
+
+def test_a_server_that_needs_a_key_gets_the_key_form(chromium, keyed_server):
+    base, _ = keyed_server
+    dom = parse_html(dump_dom(chromium, _url(base, text=TEXT), size=WINDOW))
+    form = dom.by_id("key-form")
+    assert "hidden" not in form.attrs  # asked for, nothing analyzed without it
+    assert "needs an API key" in dom.by_id("key-why").text
+    assert dom.by_id("status").text.strip() != "ready"
+
+
+def test_the_key_given_is_sent_kept_for_the_tab_and_asked_again_when_wrong(chromium, keyed_server):
+    base, api = keyed_server
+    api.authorizations.clear()
+    dom = parse_html(dump_dom(chromium, f"{base}/key-harness", size=WINDOW, budget_ms=15000))
+    result = json.loads(dom.by_id("out").text)
+    assert result["formHidden"] and result["stored"] == KEY  # sessionStorage: this tab only
+    first, second = result["asked"]
+    assert "needs an API key" in first and "not accepted" in second  # a wrong key: asked again
+    sent = set(api.authorizations)
+    assert f"Bearer {KEY}" in sent and "Bearer sk-wrong" in sent and None in sent
+    assert api.authorizations[-1] == f"Bearer {KEY}"

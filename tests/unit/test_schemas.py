@@ -16,7 +16,7 @@ from serving.limits import (
     MAX_STOP,
     MAX_TEMPERATURE,
 )
-from serving.schemas import AttentionRequest, CompletionRequest, NextTokenRequest
+from serving.schemas import AttentionRequest, CompletionRequest, NextTokenRequest, ProbeRequest
 
 
 def test_json_schema_states_the_limits():
@@ -71,3 +71,110 @@ def test_what_pydantic_accepts_the_engine_accepts():
     assert (params.n, params.logprobs, params.stop) == (MAX_N, MAX_LOGPROBS, ("x",))
     assert params.max_tokens == DEFAULT_MAX_TOKENS and params.top_p is None  # null: defaults
     assert params.attention is not None
+
+
+def _field_errors(model, body: dict) -> list[tuple[tuple, str]]:
+    try:
+        model.model_validate(body)
+    except ValidationError as err:
+        return [(e["loc"], e["type"]) for e in err.errors()]
+    return []
+
+
+@pytest.mark.parametrize(
+    "model, body, field",
+    [
+        (NextTokenRequest, {"text": "{}"}, "text"),
+        (AttentionRequest, {"text": "{}"}, "text"),
+        (ProbeRequest, {"text": "{}"}, "text"),
+        (ProbeRequest, {"text": "The cat sleeps.", "subject": "{}"}, "subject"),
+        (ProbeRequest, {"text": "The cat sleeps.", "verb": "{}"}, "verb"),
+        (CompletionRequest, {"model": "m", "prompt": "{}"}, "prompt"),
+        (CompletionRequest, {"model": "m", "prompt": ["ok", "{}"]}, "prompt"),
+        (CompletionRequest, {"model": "m", "prompt": "p", "stop": "{}"}, "stop"),
+        (CompletionRequest, {"model": "m", "prompt": "p", "stop": ["ok", "{}"]}, "stop"),
+        (CompletionRequest, {"model": "{}", "prompt": "p"}, "model"),
+    ],
+)
+def test_every_text_field_rejects_empty_and_lone_surrogates(model, body, field):
+    def fill(value):
+        return {
+            k: (
+                v.replace("{}", value)
+                if isinstance(v, str)
+                else [x.replace("{}", value) for x in v]
+            )
+            for k, v in body.items()
+        }
+
+    assert _field_errors(model, fill("fine, \x00 \x07 \x1b[0m and all")) == []
+    ((loc, kind),) = _field_errors(model, fill("ab\ud800cd"))
+    assert (loc[0], kind) == (field, "invalid_text")
+    ((loc, kind),) = _field_errors(model, fill(""))
+    assert (loc[0], kind) == (field, "string_too_short")
+
+
+def test_probe_words_must_hold_a_word():
+    for blank in (" ", "\t\n", "\x1c", "\u2028"):  # str.strip()'s whitespace, as the probe's
+        ((loc, kind),) = _field_errors(ProbeRequest, {"text": "t", "subject": blank})
+        assert (loc, kind) == (("subject",), "string_pattern_mismatch")
+    assert ProbeRequest.model_json_schema()["properties"]["verb"]["anyOf"][0]["pattern"] == r"\S"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["The cat", ["The cat", "A dog"], [1, 2, 3], [[1, 2], [3]], [1.0, 2.0]],
+    ids=["text", "texts", "ids", "id lists", "integral floats"],
+)
+def test_prompt_takes_openai_s_four_forms(prompt):
+    parsed = CompletionRequest.model_validate({"model": "m", "prompt": prompt}).prompt
+    assert parsed == prompt and all(type(i) is int for i in parsed if not isinstance(i, str | list))
+
+
+@pytest.mark.parametrize(
+    "prompt, kind",
+    [
+        ([], "empty_list"),
+        ([""], "string_too_short"),
+        (["a", 1], "string_type"),
+        ([1, "a"], "int_type"),
+        ([[1], []], "too_short"),
+        ([1.5], "int_type"),
+        ([-1], "greater_than_equal"),
+        (5, "prompt_type"),
+        ({"a": 1}, "prompt_type"),
+    ],
+)
+def test_a_bad_prompt_is_one_error_naming_the_prompt(prompt, kind):
+    assert _field_errors(CompletionRequest, {"model": "m", "prompt": prompt}) == [
+        (("prompt",), kind)
+    ]
+
+
+def test_integers_are_json_integers_strings_and_booleans_are_not():
+    body = {"model": "m", "prompt": "p", "max_tokens": 3.0, "n": 2.0, "temperature": 1}
+    parsed = CompletionRequest.model_validate(body)
+    assert (parsed.max_tokens, parsed.n, parsed.temperature) == (3, 2, 1.0)
+    assert type(parsed.max_tokens) is int
+    for bad in ("3", True, 3.5):
+        assert _field_errors(CompletionRequest, {**body, "max_tokens": bad}) == [
+            (("max_tokens",), "int_type")
+        ]
+    options = AttentionRequest.model_validate({"text": "t", "layers": [1.0], "decimals": 2.0})
+    assert options.layers == [1] and options.decimals == 2
+
+
+def test_schema_states_the_text_and_seed_bounds():
+    from serving.limits import MAX_SEED, MIN_SEED
+
+    completion = CompletionRequest.model_json_schema()["properties"]
+    assert completion["stop"]["minLength"] == 1  # binds the one-string form
+    seed = completion["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (MIN_SEED, MAX_SEED)
+    kinds = completion["prompt"]["anyOf"]
+    assert kinds[0] == {"type": "string", "minLength": 1}
+    assert kinds[2]["items"] == {"type": "integer", "minimum": 0} and kinds[2]["minItems"] == 1
+    for model in (NextTokenRequest, AttentionRequest, ProbeRequest):
+        assert model.model_json_schema()["properties"]["text"]["minLength"] == 1
+    layers = AttentionRequest.model_json_schema()["properties"]["layers"]["anyOf"][0]
+    assert layers["minItems"] == 1 and layers["items"]["minimum"] == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.settings import MAX_ONGOING_REQUESTS, ServerSettings
+from serving.settings import GRACEFUL_SHUTDOWN_TIMEOUT_S, MAX_ONGOING_REQUESTS, ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,3 +55,20 @@ def _serve_configs() -> list[tuple[str, dict]]:
 def test_shipped_user_configs_parse(name, deployment):
     settings = ServerSettings.from_user_config(deployment["user_config"])
     assert deployment["max_ongoing_requests"] >= settings.max_batch_size, name
+
+
+def test_request_timeout_is_a_positive_number_or_none():
+    assert ServerSettings(request_timeout_s=None).request_timeout_s is None
+    assert ServerSettings(request_timeout_s=0.5).request_timeout_s == 0.5
+    for bad in (0, -1, True, "60"):
+        with pytest.raises(ValueError, match="request_timeout_s"):
+            ServerSettings(request_timeout_s=bad)
+
+
+@pytest.mark.parametrize(
+    "name, deployment", _serve_configs(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_a_draining_replica_outlasts_its_longest_request(name, deployment):
+    settings = ServerSettings.from_user_config(deployment["user_config"])
+    assert deployment["graceful_shutdown_timeout_s"] > settings.request_timeout_s, name
+    assert GRACEFUL_SHUTDOWN_TIMEOUT_S > ServerSettings().request_timeout_s
