@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from attnlm.artifact import load_artifact
 from attnlm.batching import DecodeBatch, DecodeRequest
+from attnlm.fastdecode import preferred_dtype
 from attnlm.generate import GenerationStep, SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
 from attnlm.lstm import LSTMLM
@@ -335,8 +336,8 @@ class ProbeResult:
 
 # -- decoding internals -------------------------------------------------------------------------------
 class _DecodeModel:
-    """The engine's model as if it were a decoder's own, for `attnlm.generate.stream` and
-    `attnlm.batching.DecodeBatch`: logits cut to the tokenizer's ids, and KV caches of its own.
+    """The engine's model as if it were a decoder's own, for `attnlm.generate.stream`: logits
+    cut to the tokenizer's ids, and KV caches of its own.
     A cache is put into the shared model only for the length of one forward, under the engine's
     lock, so decoders interleaved by threads or by async streams never overwrite each other's."""
 
@@ -401,12 +402,14 @@ class _DecodeBatcher:
     every decode step is one forward over the active rows of all requests, each row at its own
     position, each request sampling with its own parameters and seed (the same
     `GenerationStep`s as `attnlm.generate.stream` alone). A request waits for free slots when
-    all are taken, first come first served. The work runs on one background thread; a closed
-    stream leaves the batch before the next step."""
+    all are taken, first come first served. The work runs on one background thread, holding
+    `lock` (the engine's, see _DecodeModel) around the batch's forwards; a closed stream leaves
+    the batch before the next step."""
 
-    def __init__(self, model: _DecodeModel, slots: int) -> None:
-        self.n_slots = slots
-        self._batch = DecodeBatch(model, slots)  # touched by the decode thread only
+    def __init__(self, batch: DecodeBatch, lock: threading.Lock) -> None:
+        self.n_slots = batch.n_slots
+        self._batch = batch  # touched by the decode thread only
+        self._lock = lock
         self._runs: dict[DecodeRequest, _BatchRun] = {}  # decoding now
         self._pending: deque[_BatchRun] = deque()
         self._wake = threading.Condition()
@@ -447,7 +450,8 @@ class _DecodeBatcher:
                         free -= run.prompt.size(0)
             for run in admitted:
                 try:
-                    request = self._batch.add(run.prompt, run.params)
+                    with self._lock:
+                        request = self._batch.add(run.prompt, run.params)
                 except BaseException as err:  # fail this request, keep serving
                     run.out.put(err)
                     continue
@@ -468,7 +472,9 @@ class _DecodeBatcher:
             if run.cancelled:
                 self._batch.remove(request)
                 del self._runs[request]
-        for request, step in self._batch.step():
+        with self._lock:
+            results = self._batch.step()
+        for request, step in results:
             run = self._runs[request]
             run.out.put(step)
             if request.done:
@@ -602,20 +608,27 @@ class Engine:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         max_tokens_limit: int | None = None,
+        compile: bool = False,
     ) -> None:
         """Load `artifact` (an `attnlm export` folder); ArtifactError propagates.
 
         Args:
             device: "cuda", "cpu", ...; default cuda when available.
-            dtype: "float32" | "bfloat16" | "float16"; default bfloat16 on cuda, float32 on cpu.
+            dtype: "float32" | "bfloat16" | "float16" | "auto" (bfloat16 where the hardware
+                has it: `attnlm.fastdecode.preferred_dtype`); default bfloat16 on cuda, float32
+                on cpu.
             max_tokens_limit: the largest `max_tokens` a completion may ask; default the context.
+            compile: compile the decode step completions share (`attnlm.fastdecode`: inductor
+                on CPU, CUDA graphs on CUDA), warmed up here; eager, logged, where it cannot.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        elif dtype == "auto":
+            dtype = preferred_dtype(self.device)
         elif isinstance(dtype, str):
             if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+                raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, auto; got {dtype!r}")
             dtype = _DTYPES[dtype]
         self.dtype = dtype
         loaded = load_artifact(artifact, device=self.device, dtype=dtype)
@@ -632,13 +645,10 @@ class Engine:
         self.max_tokens_limit = max_tokens_limit
         self._lock = threading.Lock()  # held by KV-cache forwards (see _DecodeModel)
         # completions without attention maps decode together across requests; an LSTM cannot
-        self._batcher = (
-            _DecodeBatcher(
-                _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock), DECODE_SLOTS
-            )
-            if self.model.has_attention
-            else None
-        )
+        self._batcher = None
+        if self.model.has_attention:
+            batch = DecodeBatch(self.model, DECODE_SLOTS, compile, self.tokenizer.vocab_size)
+            self._batcher = _DecodeBatcher(batch, self._lock)
 
     # -- validation ---------------------------------------------------------------------------------
     def encode(self, text: str, param: str = "text") -> list[int]:

@@ -1,0 +1,220 @@
+"""Fast decoding: one decode step over a preallocated KV cache, of shapes the host knows, compiled
+once.
+
+    decoder = StaticDecoder(model, slots=32, compile=True)   # compiled and warmed up here
+    decoder.tokens[:2] = next_ids                              # (slots,) buffers, written in place
+    decoder.positions[:2] = where_they_go
+    logits = decoder.step(width=2, key_length=12)              # (2, V) float32
+    decoder.mode, decoder.fallback     # "inductor" | "cuda-graphs" | "eager", and why not compiled
+
+`attnlm.batching.DecodeBatch` drives it (prefill, sampling, slots). A step feeds one token per
+row, row b at positions[b], writes its key and value into the cache and attends over cache
+positions 0..key_length-1 (`GPT.forward(key_length=...)`: each row's later positions are
+masked). Nothing in it reads a tensor's value on the host and its shapes follow `width` and
+`key_length` only, which the caller knows without asking the device, so it compiles to code
+without Python or synchronisation inside:
+
+- CPU: `torch.compile` (inductor) with frozen weights and the C++ wrapper, dynamic in width and
+  key length: two graphs (width 1 and width >= 2, as dynamo specialises size 1), both compiled by
+  the warm-up at construction; a later recompile is refused and that call runs eager (logged).
+  The key length follows the rows: reading the whole cache (32 rows x 256 positions at the small
+  shape, 150 MB in fp32) every step doubled a step's time.
+- CUDA: one CUDA graph per width bucket (1, 2, 4, ..., slots) over the whole cache (GPU memory
+  is fast enough to read it all), captured at construction; `step` replays the bucket that holds
+  `width` rows. Idle rows of the bucket feed token 0 at position 0, as idle slots always do.
+- anything else, or a compiler that fails: the same step eager, with the reason in `fallback`.
+
+`preferred_dtype` is what `dtype: auto` means for serving: bfloat16 where the hardware computes
+it natively (measured: docs/benchmarks.md, "Decode speed").
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from attnlm.model import GPT, KVCache
+
+log = logging.getLogger(__name__)
+
+MODES = ("eager", "inductor", "cuda-graphs")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    for line in lines:
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def preferred_dtype(device: torch.device | str) -> torch.dtype:
+    """bfloat16 on CUDA and on CPUs with native bf16 arithmetic (AVX-512 bf16, AMX), else
+    float32 (elsewhere bf16 is emulated, and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and cpu_flags() & set(CPU_BF16_FLAGS)):
+        return torch.bfloat16
+    return torch.float32
+
+
+class _Step(nn.Module):
+    """The decode step as a module, so that compiling with frozen weights sees the model's
+    parameters as its own (constants), and the cache buffers as the inputs it mutates."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_length: int):
+        out = self.model(tokens[:, None], row_positions=positions, key_length=key_length)
+        return out.logits[:, 0].float()  # (B, V)
+
+
+class StaticDecoder:
+    """A KV cache of `slots` rows x the whole context, its token and position buffers, and the
+    decode step over them: eager, or compiled (see the module doc).
+
+    Args:
+        model: a GPT with attention, in the dtype and on the device to decode in.
+        slots: rows of the cache.
+        compile: compile the step (inductor on CPU, CUDA graphs on CUDA) and warm it up now;
+            where that is not possible the step stays eager and `fallback` says why.
+    """
+
+    def __init__(self, model: GPT, slots: int, compile: bool = False) -> None:
+        if not model.config.has_attention:
+            raise ValueError("a decode step over slots needs per-row positions: attention")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        config, weight = model.config, model.lm_head.weight
+        self.model = model
+        self.slots = slots
+        self.length = config.block_size  # positions a row holds
+        # one spare position: every key span is shorter than the cache (a span of all of it
+        # would be a contiguous view, one more compiled graph)
+        shape = (slots, config.n_head, self.length + 1, config.head_size)
+        self.cache = [KVCache(*shape, weight.device, weight.dtype) for _ in range(config.n_layer)]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=weight.device)  # (slots,)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=weight.device)  # (slots,)
+        self.mode = "eager"
+        self.fallback: str | None = None if compile else "compile off"
+        self._step = _Step(model)
+        self._compiled = None  # inductor: the compiled _Step
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket ->
+        self._buckets: list[int] = []
+        if compile:
+            self._compile()
+
+    @torch.inference_mode()
+    def step(self, width: int, key_length: int) -> torch.Tensor:
+        """Feed rows 0..width-1 their `tokens` at their `positions` (each < key_length) and
+        return their next-token logits (width, V) float32, attending over cache positions
+        0..key_length-1."""
+        if not 1 <= width <= self.slots or not 1 <= key_length <= self.length:
+            raise ValueError(
+                f"step over {width} rows and {key_length} keys; the decoder has {self.slots} "
+                f"slots of {self.length} positions"
+            )
+        if self.mode == "cuda-graphs":
+            graph, logits = self._graphs[self._buckets[bisect.bisect_left(self._buckets, width)]]
+            graph.replay()
+            return logits[:width].clone()  # the graph's output is overwritten by the next replay
+        if self.mode == "inductor":
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self._run(self._compiled, width, key_length)
+            except Exception as err:  # a shape the warm-up did not compile: this call eager
+                reason = _reason(err)
+                log.warning("decode step of %d x %d keys eager: %s", width, key_length, reason)
+        return self._run(self._step, width, key_length)
+
+    def _run(self, step, width: int, key_length: int) -> torch.Tensor:
+        with self._installed():
+            return step(self.tokens[:width], self.positions[:width], key_length)  # (width, V)
+
+    @contextlib.contextmanager
+    def _installed(self):
+        """This decoder's cache in the model for one forward (the caller holds any lock that
+        keeps other users of the model's cache apart)."""
+        self.model.load_kv_cache_state(self.cache)
+        try:
+            yield
+        finally:
+            self.model.clear_kv_cache()
+
+    # -- compilation ------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        device = self.tokens.device.type
+        try:
+            if device == "cpu":
+                self._compile_inductor()
+            elif device == "cuda":
+                self._capture_cuda_graphs()
+            else:
+                raise RuntimeError(f"no compiled decode step for device {device!r}")
+        except Exception as err:
+            self.mode, self.fallback = "eager", _reason(err)
+            self._compiled, self._graphs, self._buckets = None, {}, []
+            log.warning("decode step not compiled, eager instead: %s", self.fallback)
+        self._clear()
+
+    @torch.inference_mode()
+    def _compile_inductor(self) -> None:
+        import torch._inductor.config as inductor_config
+
+        self._compiled = torch.compile(self._step, dynamic=True, fullgraph=True)
+        # frozen weights must be on while dynamo traces, not only inside inductor
+        with inductor_config.patch(freezing=True, cpp_wrapper=True):
+            for width, key_length in self._warm_up_shapes():
+                self._run(self._compiled, width, key_length)
+        with torch.compiler.set_stance("fail_on_recompile"):  # a new shape needs no new graph
+            self._run(self._compiled, max(self.slots - 1, 1), max(self.length - 1, 1))
+        self.mode, self.fallback = "inductor", None
+
+    def _warm_up_shapes(self) -> list[tuple[int, int]]:
+        widths = sorted({1, min(2, self.slots), self.slots})
+        return [(w, k) for w in widths for k in sorted({min(2, self.length), self.length})]
+
+    @torch.inference_mode()
+    def _capture_cuda_graphs(self) -> None:
+        buckets = sorted({min(2**i, self.slots) for i in range(self.slots.bit_length() + 1)})
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream, as capture needs
+            for width in buckets:
+                for _ in range(2):
+                    self._run(self._step, width, self.length)
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        for width in buckets:
+            graph = torch.cuda.CUDAGraph()
+            with self._installed(), torch.cuda.graph(graph, pool=pool):
+                logits = self._step(self.tokens[:width], self.positions[:width], self.length)
+            self._graphs[width] = (graph, logits)
+        self._buckets = buckets
+        self.mode, self.fallback = "cuda-graphs", None
+        torch.cuda.synchronize()
+
+    def _clear(self) -> None:
+        """Back to an empty cache after the warm-up wrote into it."""
+        with torch.inference_mode():
+            for cache in self.cache:
+                cache.k.zero_()
+                cache.v.zero_()
+            self.tokens.zero_()
+            self.positions.zero_()
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
