@@ -241,8 +241,14 @@ def _node_id() -> str | None:
 )
 @serve.ingress(app)
 class AttnLMServer:
-    def __init__(self, artifact: str, device: str | None = None, dtype: str | None = None) -> None:
-        self.engine = Engine(artifact, device=device, dtype=dtype)
+    def __init__(
+        self,
+        artifact: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.engine = Engine(artifact, device=device, dtype=dtype, compile=compile)
         self.created = int(time.time())
         self.max_in_flight = 48
         self.in_flight = 0
@@ -555,11 +561,15 @@ class AttnLMServer:
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / config files: args `artifact` (required), `device`,
-    `dtype`."""
-    unknown = set(args) - {"artifact", "device", "dtype"}
+    `dtype`, `compile`."""
+    unknown = set(args) - {"artifact", "device", "dtype", "compile"}
     if unknown:
         raise ValueError(f"unknown application argument(s): {', '.join(sorted(unknown))}")
     if "artifact" not in args:
         raise ValueError("application argument 'artifact' (an exported model folder) is required")
+    if not isinstance(args.get("compile", False), bool):
+        raise ValueError("application argument 'compile' must be true or false")
     artifact = str(Path(args["artifact"]).resolve())  # replicas need not share the caller's cwd
-    return AttnLMServer.bind(artifact, args.get("device"), args.get("dtype"))
+    return AttnLMServer.bind(
+        artifact, args.get("device"), args.get("dtype"), args.get("compile", False)
+    )

@@ -26,7 +26,6 @@ import base64
 import bisect
 import math
 import os
-import queue
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -51,6 +50,9 @@ ENCODINGS = ("json", "base64")
 MAX_DECIMALS = 8
 MAX_N = 16  # samples per completion request
 DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions decode in
+# decode steps a non-streamed completion's thread takes at once (one wake-up each); a stop string
+# is seen at most this many steps late, which are decoded in vain
+COMPLETION_CHUNK = 16
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's legacy completions
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 character decodes to
@@ -387,13 +389,38 @@ class _DecodeModel:
 
 
 class _BatchRun:
-    """One completion (n rows) handed to `_DecodeBatcher`: waiting for slots, then decoding."""
+    """One completion (n rows) handed to `_DecodeBatcher`: waiting for slots, then decoding.
+    Its steps reach the consumer `chunk` at a time: one wake-up of its thread per chunk (with 32
+    completions in flight, waking each consumer every step cost the decode thread a quarter of
+    its time in GIL hand-overs)."""
 
-    def __init__(self, prompt: torch.Tensor, params: SamplingParams) -> None:
+    def __init__(self, prompt: torch.Tensor, params: SamplingParams, chunk: int) -> None:
         self.prompt = prompt  # (n, T)
         self.params = params
-        self.out: queue.Queue = queue.Queue()  # GenerationStep, then None (or an exception)
+        self.chunk = chunk
         self.cancelled = False
+        self._items: list = []  # GenerationSteps, then None (the end) or an exception
+        self._ready = threading.Condition()
+
+    def put(self, item: GenerationStep | BaseException | None) -> None:
+        """Hand over a step, or the end (None, an exception): the consumer wakes at the end or
+        once a chunk is there."""
+        with self._ready:
+            self._items.append(item)
+            if not isinstance(item, GenerationStep) or len(self._items) >= self.chunk:
+                self._ready.notify()
+
+    def take(self) -> list:
+        """Wait for a chunk of steps (or the end) and take every item handed over so far."""
+        with self._ready:
+            self._ready.wait_for(
+                lambda: (
+                    len(self._items) >= self.chunk
+                    or (self._items and not isinstance(self._items[-1], GenerationStep))
+                )
+            )
+            items, self._items = self._items, []
+        return items
 
 
 class _DecodeBatcher:
@@ -415,12 +442,15 @@ class _DecodeBatcher:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def stream(self, prompt: torch.Tensor, params: SamplingParams) -> Iterator[GenerationStep]:
+    def stream(
+        self, prompt: torch.Tensor, params: SamplingParams, chunk: int = 1
+    ) -> Iterator[GenerationStep]:
         """`attnlm.generate.stream(model, prompt, params)` (no attention), decoded together with
-        the other requests in flight. Closing the iterator early frees the request's slots."""
+        the other requests in flight, its steps handed over `chunk` at a time. Closing the
+        iterator early frees the request's slots."""
         if prompt.size(0) > self.n_slots:
             raise ValueError(f"{prompt.size(0)} rows; the batcher has {self.n_slots} slots")
-        run = _BatchRun(prompt, params)
+        run = _BatchRun(prompt, params, chunk)
         with self._wake:
             self._pending.append(run)
             if self._thread is None:
@@ -430,10 +460,13 @@ class _DecodeBatcher:
                 self._thread.start()
             self._wake.notify()
         try:
-            while (item := run.out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while True:
+                for item in run.take():
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
         finally:
             run.cancelled = True
 
@@ -453,17 +486,17 @@ class _DecodeBatcher:
                     with self._lock:
                         request = self._batch.add(run.prompt, run.params)
                 except BaseException as err:  # fail this request, keep serving
-                    run.out.put(err)
+                    run.put(err)
                     continue
                 if request is None:  # nothing to decode
-                    run.out.put(None)
+                    run.put(None)
                 else:
                     self._runs[request] = run
             try:
                 self._step()
             except BaseException as err:  # fail the requests in flight, keep serving
                 for request, run in self._runs.items():
-                    run.out.put(err)
+                    run.put(err)
                     self._batch.remove(request)
                 self._runs.clear()
 
@@ -476,9 +509,9 @@ class _DecodeBatcher:
             results = self._batch.step()
         for request, step in results:
             run = self._runs[request]
-            run.out.put(step)
+            run.put(step)
             if request.done:
-                run.out.put(None)
+                run.put(None)
                 del self._runs[request]
 
 
@@ -893,7 +926,7 @@ class Engine:
     def complete(self, prompt: str, params: CompletionParams) -> Completion:
         """`params.n` samples continuing `prompt`, decoded together on the KV cache."""
         run = self._start(prompt, params)
-        for _ in self._steps(run):
+        for _ in self._steps(run, chunk=COMPLETION_CHUNK):
             pass
         base = len(prompt) if params.echo else 0
         echo_logprobs = self._prompt_logprobs(run)
@@ -967,8 +1000,9 @@ class Engine:
         rows = [_Row(self.tokenizer, params.stop, self.tokenizer.eot_id) for _ in range(params.n)]
         return _Run(prompt, prompt_ids, params, rows)
 
-    def _steps(self, run: _Run) -> Iterator[None]:
-        """Decode until every row has finished; yields after each step."""
+    def _steps(self, run: _Run, chunk: int = 1) -> Iterator[None]:
+        """Decode until every row has finished; yields after each step (batched decoding hands
+        the steps over `chunk` at a time)."""
         params = run.params
         sampling = SamplingParams(
             max_new_tokens=params.max_tokens,
@@ -980,7 +1014,7 @@ class Engine:
         )
         prompt = torch.tensor([run.prompt_ids] * params.n, device=self.device)  # (n, T)
         if params.attention is None and self._batcher is not None:
-            steps = self._batcher.stream(prompt, sampling)
+            steps = self._batcher.stream(prompt, sampling, chunk)
         else:  # the map needs each step's attention rows: this request decodes alone
             model = _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock)
             steps = generate_stream(
