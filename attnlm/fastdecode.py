@@ -15,10 +15,11 @@ masked). Nothing in it reads a tensor's value on the host and its shapes follow 
 without Python or synchronisation inside:
 
 - CPU: `torch.compile` (inductor) with frozen weights and the C++ wrapper, dynamic in width and
-  key length: two graphs (width 1 and width >= 2, as dynamo specialises size 1), both compiled by
-  the warm-up at construction; a later recompile is refused and that call runs eager (logged).
-  The key length follows the rows: reading the whole cache (32 rows x 256 positions at the small
-  shape, 150 MB in fp32) every step doubled a step's time.
+  key length: one graph, compiled by the warm-up at construction (a step of one row runs two, as
+  dynamo would specialise size 1 into a second graph); a later recompile is refused and that
+  call runs eager (logged). The key length follows the rows: reading the whole cache (32 rows x
+  256 positions at the small shape, 150 MB in fp32) every step doubled a step's time. The
+  weights are frozen into the graph: changing them afterwards goes unseen.
 - CUDA: one CUDA graph per width bucket (1, 2, 4, ..., slots) over the whole cache (GPU memory
   is fast enough to read it all), captured at construction; `step` replays the bucket that holds
   `width` rows. Idle rows of the bucket feed token 0 at position 0, as idle slots always do.
@@ -130,9 +131,10 @@ class StaticDecoder:
             graph.replay()
             return logits[:width].clone()  # the graph's output is overwritten by the next replay
         if self.mode == "inductor":
+            rows = max(width, min(2, self.slots))  # the graph of width >= 2 (the module doc)
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):
-                    return self._run(self._compiled, width, key_length)
+                    return self._run(self._compiled, rows, key_length)[:width]
             except Exception as err:  # a shape the warm-up did not compile: this call eager
                 reason = _reason(err)
                 log.warning("decode step of %d x %d keys eager: %s", width, key_length, reason)
@@ -178,11 +180,13 @@ class StaticDecoder:
             for width, key_length in self._warm_up_shapes():
                 self._run(self._compiled, width, key_length)
         with torch.compiler.set_stance("fail_on_recompile"):  # a new shape needs no new graph
-            self._run(self._compiled, max(self.slots - 1, 1), max(self.length - 1, 1))
+            self._run(
+                self._compiled, max(self.slots - 1, min(2, self.slots)), max(self.length - 1, 1)
+            )
         self.mode, self.fallback = "inductor", None
 
     def _warm_up_shapes(self) -> list[tuple[int, int]]:
-        widths = sorted({1, min(2, self.slots), self.slots})
+        widths = sorted({min(2, self.slots), self.slots})
         return [(w, k) for w in widths for k in sorted({min(2, self.length), self.length})]
 
     @torch.inference_mode()
