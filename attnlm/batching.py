@@ -41,6 +41,9 @@ class DecodeRequest:
     ) -> None:
         self.slots = slots  # rows of the shared cache, ascending
         self.slot_index = torch.tensor(slots, device=device)  # (n,)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        # what indexes its rows: a slice where it can (a view, not a gather), else slot_index
+        self.rows = slice(slots[0], slots[-1] + 1) if contiguous else self.slot_index
         self.sampling = sampling
         self.position = prompt_length  # where the next fed token goes
         self.logits: torch.Tensor | None = None  # (n, V) float32: what the next token comes from
@@ -117,8 +120,8 @@ class DecodeBatch:
             return
         request.done = True
         self.requests.remove(request)
-        self.decoder.tokens[request.slot_index] = 0  # idle slots feed token 0 at position 0,
-        self.decoder.positions[request.slot_index] = 0  # which the next prefill overwrites
+        self.decoder.tokens[request.rows] = 0  # idle slots feed token 0 at position 0,
+        self.decoder.positions[request.rows] = 0  # which the next prefill overwrites
         self._free += request.slots
         request.slots = []
 
@@ -138,14 +141,14 @@ class DecodeBatch:
                 self.remove(request)
             else:
                 feeding.append(request)
-                self.decoder.tokens[request.slot_index] = step.tokens
-                self.decoder.positions[request.slot_index] = request.position
+                self.decoder.tokens[request.rows] = step.tokens
+                self.decoder.positions[request.rows] = request.position
         if feeding:
             width = max(request.slots[-1] for request in feeding) + 1
             key_length = max(request.position for request in feeding) + 1
             logits = self.decoder.step(width, key_length)[:, : self.vocab_size]  # (width, V)
             for request in feeding:
-                request.logits = logits[request.slot_index]  # (n, V)
+                request.logits = logits[request.rows]  # (n, V)
                 request.position += 1
         return results
 
