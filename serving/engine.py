@@ -661,7 +661,8 @@ class Engine:
             dtype = preferred_dtype(self.device)
         elif isinstance(dtype, str):
             if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, auto; got {dtype!r}")
+                names = ", ".join([*_DTYPES, "auto"])
+                raise ValueError(f"dtype must be one of {names}; got {dtype!r}")
             dtype = _DTYPES[dtype]
         self.dtype = dtype
         loaded = load_artifact(artifact, device=self.device, dtype=dtype)
