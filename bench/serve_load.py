@@ -630,6 +630,24 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def print_results(res: dict, report, targets, path: Path | None) -> None:
+    """Print `report(res)` and the PASS/FAIL lines of `targets(res)`, keep those in res and write
+    res as JSON to `path` (also before the report, so that a report bug loses no measurement)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2))
+    print()
+    print("\n".join(report(res)))
+    print()
+    checks = targets(res)
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    res["targets"] = [{"target": t, "pass": ok} for t, ok in checks]
+    print(f"\nwall time {res['wall_s']:.0f} s")
+    if path:
+        path.write_text(json.dumps(res, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -672,20 +690,7 @@ def main() -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:  # before the report, so that a report bug loses no measurement
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
-    print()
-    print("\n".join(report(res)))
-    print()
-    checks = targets(res)
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
-    res["targets"] = [{"target": t, "pass": ok} for t, ok in checks]
-    print(f"\nwall time {res['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+    print_results(res, report, targets, args.json)
     if args.plot:
         plot(res, args.plot)
         print(f"plot: {args.plot}")
