@@ -11,24 +11,24 @@ decode step is one forward over all of them, each row at its own position.
 A request is prefilled alone (one forward of its prompt into a cache of its own, then copied
 into its slots of the shared cache: `KVCache.copy_rows`); then each `step` samples every active
 row with its request's own parameters, generator, stop ids and budget (`SamplingState.choose`,
-the step `attnlm.generate.stream` takes too) and feeds the rows that go on in one forward with
-per-row positions (`GPT.forward(row_positions=...)`). Each request sees the same
-GenerationSteps as `stream` would give it alone. Requests may join between any two steps and
-leave when they finish or are removed; their slots are freed at once.
+the step `attnlm.generate.stream` takes too) and feeds the rows that go on in one decode step of
+`attnlm.fastdecode.StaticDecoder`: its preallocated cache and token/position buffers, rows 0 ..
+the highest active slot, keys 0 .. the furthest row's position, eager or compiled
+(`compile=True`). Each request sees the same GenerationSteps as `stream` would give it alone.
+Requests may join between any two steps and leave when they finish or are removed; their slots
+are freed at once.
 
 Synchronous and framework-free: one caller drives it (serving's engine schedules requests onto
-it from one thread; its model wrapper holds the engine's lock around each forward and cuts the
-logits to the tokenizer's ids). Requests wanting attention rows, and models without attention
-(the LSTM: no per-row positions), decode through `stream` instead.
-
-The step keeps fixed shapes where it is cheap: token and position buffers of `slots` rows,
-written in place per request; the forward covers rows 0 .. the highest active slot.
+it from one thread and holds its lock around `add` and `step`, the calls that run forwards).
+Requests wanting attention rows, and models without attention (the LSTM: no per-row positions),
+decode through `stream` instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from attnlm.fastdecode import StaticDecoder
 from attnlm.generate import GenerationStep, SamplingParams, SamplingState, token_budget
 from attnlm.model import GPT, GPTOutput, KVCache
 
@@ -41,6 +41,9 @@ class DecodeRequest:
     ) -> None:
         self.slots = slots  # rows of the shared cache, ascending
         self.slot_index = torch.tensor(slots, device=device)  # (n,)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        # what indexes its rows: a slice where it can (a view, not a gather), else slot_index
+        self.rows = slice(slots[0], slots[-1] + 1) if contiguous else self.slot_index
         self.sampling = sampling
         self.position = prompt_length  # where the next fed token goes
         self.logits: torch.Tensor | None = None  # (n, V) float32: what the next token comes from
@@ -51,22 +54,28 @@ class DecodeBatch:
     """Requests decoded together on `slots` rows of one shared KV cache (see the module doc).
 
     Args:
-        model: a GPT with attention, or a wrapper with its call and KV-cache methods.
+        model: a GPT with attention.
         slots: rows of the shared cache; a request of n rows needs n free slots.
+        compile: compile the decode step now (`attnlm.fastdecode.StaticDecoder`).
+        vocab_size: sample only ids below this (a model vocabulary padded past the tokenizer's);
+            the logits handed out are cut to it. Default: the model's.
     """
 
-    def __init__(self, model: GPT, slots: int) -> None:
+    def __init__(
+        self, model: GPT, slots: int, compile: bool = False, vocab_size: int | None = None
+    ) -> None:
         if not model.config.has_attention:
             raise ValueError("batched decoding needs per-row positions: a model with attention")
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.model = model
         self.n_slots = slots
+        self.vocab_size = model.config.vocab_size if vocab_size is None else vocab_size
         self.requests: list[DecodeRequest] = []  # decoding now, in the order they joined
         self._free = list(range(slots))
-        self._cache: list[KVCache] | None = None  # per layer, n_slots rows, built on first use
-        self._tokens: torch.Tensor | None = None  # (n_slots,) last token of each slot
-        self._positions: torch.Tensor | None = None  # (n_slots,) where it is fed; idle: 0
+        # the shared cache (per layer, `slots` rows) and, per slot, the last token and where it
+        # is fed (idle: token 0 at position 0)
+        self.decoder = StaticDecoder(model, slots, compile=compile)
 
     @property
     def free_slots(self) -> int:
@@ -92,19 +101,15 @@ class DecodeBatch:
             return None
         if n > len(self._free):
             raise ValueError(f"{n} rows; the batch has {len(self._free)} free slots")
-        if self._cache is None:
-            self._cache = self._new_cache(self.n_slots, None)
-            self._tokens = torch.zeros(self.n_slots, dtype=torch.long, device=prompt.device)
-            self._positions = torch.zeros(self.n_slots, dtype=torch.long, device=prompt.device)
         own = self._new_cache(n, T)
         out = self._forward(own, prompt, input_pos=0)
         self._free.sort()  # lowest slots first: the decoded rows stay few
         sampling = SamplingState(params, n, budget, prompt.device)
         request = DecodeRequest(self._free[:n], sampling, T, prompt.device)
-        for shared, prefilled in zip(self._cache, own, strict=True):
+        for shared, prefilled in zip(self.decoder.cache, own, strict=True):
             shared.copy_rows(request.slot_index, prefilled)
         del self._free[:n]
-        request.logits = out.logits[:, -1].float()  # (n, V)
+        request.logits = out.logits[:, -1, : self.vocab_size].float()  # (n, V)
         self.requests.append(request)
         return request
 
@@ -115,8 +120,8 @@ class DecodeBatch:
             return
         request.done = True
         self.requests.remove(request)
-        self._tokens[request.slot_index] = 0  # idle slots feed token 0 at position 0, which the
-        self._positions[request.slot_index] = 0  # next prefill into them overwrites
+        self.decoder.tokens[request.rows] = 0  # idle slots feed token 0 at position 0,
+        self.decoder.positions[request.rows] = 0  # which the next prefill overwrites
         self._free += request.slots
         request.slots = []
 
@@ -136,15 +141,14 @@ class DecodeBatch:
                 self.remove(request)
             else:
                 feeding.append(request)
-                self._tokens[request.slot_index] = step.tokens
-                self._positions[request.slot_index] = request.position
+                self.decoder.tokens[request.rows] = step.tokens
+                self.decoder.positions[request.rows] = request.position
         if feeding:
             width = max(request.slots[-1] for request in feeding) + 1
-            idx = self._tokens[:width, None]  # (width, 1)
-            out = self._forward(self._cache, idx, row_positions=self._positions[:width])
-            logits = out.logits[:, 0].float()  # (width, V)
+            key_length = max(request.position for request in feeding) + 1
+            logits = self.decoder.step(width, key_length)[:, : self.vocab_size]  # (width, V)
             for request in feeding:
-                request.logits = logits[request.slot_index]  # (n, V)
+                request.logits = logits[request.rows]  # (n, V)
                 request.position += 1
         return results
 

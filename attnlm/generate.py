@@ -149,10 +149,12 @@ class SamplingState:
             has finished or the budget is spent (then the chosen tokens need not be fed back).
         """
         tokens = sample(logits, self.params, self.generator)  # (rows,)
-        self.finished = self.finished | torch.isin(tokens, self.stop_ids)
         self.steps += 1
-        last = bool(self.finished.all()) or self.steps == self.budget
-        return GenerationStep(tokens, logits, self.finished.clone(), None), last
+        last = self.steps == self.budget
+        if len(self.stop_ids):  # (finished is replaced, never written: steps may keep it)
+            self.finished = self.finished | torch.isin(tokens, self.stop_ids)
+            last = last or bool(self.finished.all())  # the one host sync, for the stop
+        return GenerationStep(tokens, logits, self.finished, None), last
 
 
 @torch.inference_mode()

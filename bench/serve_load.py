@@ -9,9 +9,10 @@ noisy; absolute numbers move between runs, ratios much less):
    step (a full forward of the growing sequence, argmax): tokens/s for a ~8-token prompt and
    min(240, block_size - 8) new tokens (small shape: 240 new tokens in the 256 context)
    (target >= 5x);
-3. Ray Serve on 127.0.0.1 (`serving.app.AttnLMServer`, one replica, num_cpus 1): concurrency
-   1, 8, 32; p50/p99 latency and requests/s for /v1/next-token and for 64-token completions
-   (temperature 0), with batching on (user_config max_batch_size 32, batch_wait_timeout_s 0.005)
+3. Ray Serve on 127.0.0.1 (`serving.app.AttnLMServer` with the application arguments of
+   configs/serve.yaml, e.g. its dtype and compiled decode step; one replica, num_cpus 1):
+   concurrency 1, 8, 32; p50/p99 latency and requests/s for /v1/next-token and for 64-token
+   completions (temperature 0), with batching on (user_config max_batch_size 32, batch_wait_timeout_s 0.005)
    and off (max_batch_size 1, batch_wait_timeout_s 0); both max_in_flight 1000 and
    max_ongoing_requests 64. Between the two the app is redeployed with the other user_config
    (a reconfigure of the same replica). Target: batching >= 1.3x the requests/s of no batching
@@ -205,6 +206,15 @@ def bench_bare_call(engine, text: str, calls: int) -> dict:
 
 
 # -- 3. load generation -------------------------------------------------------------------------------
+def serve_yaml_args() -> dict:
+    """configs/serve.yaml's application arguments but the artifact (dtype, compile, ...): the
+    app is measured as it ships."""
+    import yaml
+
+    (app,) = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"]
+    return {key: value for key, value in app["args"].items() if key != "artifact"}
+
+
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -395,14 +405,15 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
             "max_tokens": max_tokens,
             "temperature": 0,
         }
+        results["app_args"] = app_args = serve_yaml_args()
         for mode, user_config in modes.items():
             app = AttnLMServer.options(
                 user_config=user_config,
                 max_ongoing_requests=64,
                 ray_actor_options={"num_cpus": 1},
-            ).bind(str(artifact))
+            ).bind(str(artifact), **app_args)
             serve.run(app, name="attnlm", route_prefix="/", blocking=False)
-            wait_healthy(base)
+            wait_healthy(base, tries=1200)  # a compiled decode step warms up first
             wait_healthy(base, "/trivial")
             wait_healthy(base, "/minimal", method="POST", body={"text": NEXT_TEXT, "top_k": 10})
             if "completion_tokens" not in results:
@@ -483,7 +494,8 @@ def report(res: dict) -> list[str]:
     http = res["http"]
     lines.append(
         f"3. HTTP (Ray Serve, 127.0.0.1, load generator {http['load_generator']}; completions "
-        f"generate {http['completion_tokens']} tokens)"
+        f"generate {http['completion_tokens']} tokens; app args of configs/serve.yaml "
+        f"{http.get('app_args', {})})"
     )
     lines.append(
         "   batching endpoint       conc      req/s    p50 ms    p99 ms    ok   err  client CPU"
@@ -618,6 +630,24 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def print_results(res: dict, report, targets, path: Path | None) -> None:
+    """Print `report(res)` and the PASS/FAIL lines of `targets(res)`, keep those in res and write
+    res as JSON to `path` (also before the report, so that a report bug loses no measurement)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2))
+    print()
+    print("\n".join(report(res)))
+    print()
+    checks = targets(res)
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    res["targets"] = [{"target": t, "pass": ok} for t, ok in checks]
+    print(f"\nwall time {res['wall_s']:.0f} s")
+    if path:
+        path.write_text(json.dumps(res, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -660,20 +690,7 @@ def main() -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:  # before the report, so that a report bug loses no measurement
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
-    print()
-    print("\n".join(report(res)))
-    print()
-    checks = targets(res)
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {text}")
-    res["targets"] = [{"target": t, "pass": ok} for t, ok in checks]
-    print(f"\nwall time {res['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+    print_results(res, report, targets, args.json)
     if args.plot:
         plot(res, args.plot)
         print(f"plot: {args.plot}")

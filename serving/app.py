@@ -215,12 +215,14 @@ class AttnLMServer:
         model_name: str | None = None,
         api_keys: str | list[str] | None = None,
         metrics_require_key: bool = False,
+        compile: bool = False,
     ) -> None:
         """Load `artifact`, served as `model_name` (default the folder's name); `api_keys` (with
         those of $ATTNLM_API_KEY, `serving.auth`) guard every route but /health and the viewer
-        page, /metrics too with `metrics_require_key`."""
+        page, /metrics too with `metrics_require_key`; `compile` compiles the decode step
+        (`Engine`)."""
         access = Access.configure(api_keys, metrics_require_key)
-        self.engine = Engine(artifact, device=device, dtype=dtype)
+        self.engine = Engine(artifact, device=device, dtype=dtype, compile=compile)
         if model_name is not None:  # the served model id; the engine's default: the folder's name
             self.engine.model_name = model_name
         self.created = int(time.time())
@@ -551,10 +553,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / config files: args `artifact` (required), `device`,
     `dtype`, `model_name` (the served model id: `/v1/models`, the `model` of requests and
     responses; default the artifact folder's name), `api_keys` (a key or a list;
-    $ATTNLM_API_KEY adds to them), `metrics_require_key`. They are checked here, before any
+    $ATTNLM_API_KEY adds to them), `metrics_require_key`, `compile` (the decode step, default
+    false). They are checked here, before any
     replica starts (`check_app_args`): a bad one fails the application with one line."""
     args = check_app_args(args)
-    access = {k: args[k] for k in ("api_keys", "metrics_require_key") if k in args}
+    access = {k: args[k] for k in ("api_keys", "metrics_require_key", "compile") if k in args}
     return AttnLMServer.bind(
         args["artifact"], args.get("device"), args.get("dtype"), args.get("model_name"), **access
     )

@@ -26,7 +26,15 @@ from attnlm.artifact import load_artifact
 from serving.auth import Access
 from serving.engine import _DTYPES
 
-APP_ARGS = ("artifact", "device", "dtype", "model_name", "api_keys", "metrics_require_key")
+APP_ARGS = (
+    "artifact",
+    "device",
+    "dtype",
+    "compile",
+    "model_name",
+    "api_keys",
+    "metrics_require_key",
+)
 BUILDER = "serving.app:build_app"  # the import_path whose args these are
 
 
@@ -55,8 +63,10 @@ def check_app_args(args: dict[str, Any]) -> dict[str, Any]:
             torch.device(device)
         except (RuntimeError, TypeError, ValueError):
             errors.append(f"'device' must be a torch device (cpu, cuda, cuda:1), got {device!r}")
-    if dtype is not None and dtype not in _DTYPES:
-        errors.append(f"'dtype' must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in (*_DTYPES, "auto"):
+        errors.append(f"'dtype' must be one of {', '.join([*_DTYPES, 'auto'])}, got {dtype!r}")
+    if not isinstance(args.get("compile", False), bool):
+        errors.append(f"'compile' must be true or false, got {args['compile']!r}")
     if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
         errors.append(f"'model_name' must be a non-empty string, got {model_name!r}")
     try:  # the keys alone: those of $ATTNLM_API_KEY join them in each replica

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from attnlm.artifact import load_artifact
 from attnlm.batching import DecodeBatch, DecodeRequest
+from attnlm.fastdecode import preferred_dtype
 from attnlm.generate import GenerationStep, SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
 from attnlm.lstm import LSTMLM
@@ -66,13 +66,16 @@ from serving.sentence_probe import probe_sentence
 from serving.text import check_text, check_token_ids, context_exceeded, max_text_chars
 
 DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions decode in
+# decode steps a non-streamed completion's thread takes at once (one wake-up each); a stop string
+# is seen at most this many steps late, which are decoded in vain
+COMPLETION_CHUNK = 16
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -- decoding internals -------------------------------------------------------------------------------
 class _DecodeModel:
-    """The engine's model as if it were a decoder's own, for `attnlm.generate.stream` and
-    `attnlm.batching.DecodeBatch`: logits cut to the tokenizer's ids, and KV caches of its own.
+    """The engine's model as if it were a decoder's own, for `attnlm.generate.stream`: logits
+    cut to the tokenizer's ids, and KV caches of its own.
     A cache is put into the shared model only for the length of one forward, under the engine's
     lock, so decoders interleaved by threads or by async streams never overwrite each other's."""
 
@@ -122,13 +125,38 @@ class _DecodeModel:
 
 
 class _BatchRun:
-    """One completion (n rows) handed to `_DecodeBatcher`: waiting for slots, then decoding."""
+    """One completion (n rows) handed to `_DecodeBatcher`: waiting for slots, then decoding.
+    Its steps reach the consumer `chunk` at a time: one wake-up of its thread per chunk (with 32
+    completions in flight, waking each consumer every step cost the decode thread a quarter of
+    its time in GIL hand-overs)."""
 
-    def __init__(self, prompt: torch.Tensor, params: SamplingParams) -> None:
+    def __init__(self, prompt: torch.Tensor, params: SamplingParams, chunk: int) -> None:
         self.prompt = prompt  # (n, T)
         self.params = params
-        self.out: queue.Queue = queue.Queue()  # GenerationStep, then None (or an exception)
+        self.chunk = chunk
         self.cancelled = False
+        self._items: list = []  # GenerationSteps, then None (the end) or an exception
+        self._ready = threading.Condition()
+
+    def put(self, item: GenerationStep | BaseException | None) -> None:
+        """Hand over a step, or the end (None, an exception): the consumer wakes at the end or
+        once a chunk is there."""
+        with self._ready:
+            self._items.append(item)
+            if not isinstance(item, GenerationStep) or len(self._items) >= self.chunk:
+                self._ready.notify()
+
+    def take(self) -> list:
+        """Wait for a chunk of steps (or the end) and take every item handed over so far."""
+        with self._ready:
+            self._ready.wait_for(
+                lambda: (
+                    len(self._items) >= self.chunk
+                    or (self._items and not isinstance(self._items[-1], GenerationStep))
+                )
+            )
+            items, self._items = self._items, []
+        return items
 
 
 class _DecodeBatcher:
@@ -137,23 +165,28 @@ class _DecodeBatcher:
     every decode step is one forward over the active rows of all requests, each row at its own
     position, each request sampling with its own parameters and seed (the same
     `GenerationStep`s as `attnlm.generate.stream` alone). A request waits for free slots when
-    all are taken, first come first served. The work runs on one background thread; a closed
-    stream leaves the batch before the next step."""
+    all are taken, first come first served. The work runs on one background thread, holding
+    `lock` (the engine's, see _DecodeModel) around the batch's forwards; a closed stream leaves
+    the batch before the next step."""
 
-    def __init__(self, model: _DecodeModel, slots: int) -> None:
-        self.n_slots = slots
-        self._batch = DecodeBatch(model, slots)  # touched by the decode thread only
+    def __init__(self, batch: DecodeBatch, lock: threading.Lock) -> None:
+        self.n_slots = batch.n_slots
+        self._batch = batch  # touched by the decode thread only
+        self._lock = lock
         self._runs: dict[DecodeRequest, _BatchRun] = {}  # decoding now
         self._pending: deque[_BatchRun] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def stream(self, prompt: torch.Tensor, params: SamplingParams) -> Iterator[GenerationStep]:
+    def stream(
+        self, prompt: torch.Tensor, params: SamplingParams, chunk: int = 1
+    ) -> Iterator[GenerationStep]:
         """`attnlm.generate.stream(model, prompt, params)` (no attention), decoded together with
-        the other requests in flight. Closing the iterator early frees the request's slots."""
+        the other requests in flight, its steps handed over `chunk` at a time. Closing the
+        iterator early frees the request's slots."""
         if prompt.size(0) > self.n_slots:
             raise ValueError(f"{prompt.size(0)} rows; the batcher has {self.n_slots} slots")
-        run = _BatchRun(prompt, params)
+        run = _BatchRun(prompt, params, chunk)
         with self._wake:
             self._pending.append(run)
             if self._thread is None:
@@ -163,10 +196,13 @@ class _DecodeBatcher:
                 self._thread.start()
             self._wake.notify()
         try:
-            while (item := run.out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while True:
+                for item in run.take():
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
         finally:
             run.cancelled = True
 
@@ -183,19 +219,20 @@ class _DecodeBatcher:
                         free -= run.prompt.size(0)
             for run in admitted:
                 try:
-                    request = self._batch.add(run.prompt, run.params)
+                    with self._lock:
+                        request = self._batch.add(run.prompt, run.params)
                 except BaseException as err:  # fail this request, keep serving
-                    run.out.put(err)
+                    run.put(err)
                     continue
                 if request is None:  # nothing to decode
-                    run.out.put(None)
+                    run.put(None)
                 else:
                     self._runs[request] = run
             try:
                 self._step()
             except BaseException as err:  # fail the requests in flight, keep serving
                 for request, run in self._runs.items():
-                    run.out.put(err)
+                    run.put(err)
                     self._batch.remove(request)
                 self._runs.clear()
 
@@ -204,11 +241,13 @@ class _DecodeBatcher:
             if run.cancelled:
                 self._batch.remove(request)
                 del self._runs[request]
-        for request, step in self._batch.step():
+        with self._lock:
+            results = self._batch.step()
+        for request, step in results:
             run = self._runs[request]
-            run.out.put(step)
+            run.put(step)
             if request.done:
-                run.out.put(None)
+                run.put(None)
                 del self._runs[request]
 
 
@@ -234,20 +273,28 @@ class Engine:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         max_tokens_limit: int | None = None,
+        compile: bool = False,
     ) -> None:
         """Load `artifact` (an `attnlm export` folder); ArtifactError propagates.
 
         Args:
             device: "cuda", "cpu", ...; default cuda when available.
-            dtype: "float32" | "bfloat16" | "float16"; default bfloat16 on cuda, float32 on cpu.
+            dtype: "float32" | "bfloat16" | "float16" | "auto" (bfloat16 where the hardware
+                has it: `attnlm.fastdecode.preferred_dtype`); default bfloat16 on cuda, float32
+                on cpu.
             max_tokens_limit: the largest `max_tokens` a completion may ask; default the context.
+            compile: compile the decode step completions share (`attnlm.fastdecode`: inductor
+                on CPU, CUDA graphs on CUDA), warmed up here; eager, logged, where it cannot.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        elif dtype == "auto":
+            dtype = preferred_dtype(self.device)
         elif isinstance(dtype, str):
             if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+                names = ", ".join([*_DTYPES, "auto"])
+                raise ValueError(f"dtype must be one of {names}; got {dtype!r}")
             dtype = _DTYPES[dtype]
         self.dtype = dtype
         loaded = load_artifact(artifact, device=self.device, dtype=dtype)
@@ -268,13 +315,10 @@ class Engine:
         self.max_tokens_limit = max_tokens_limit
         self._lock = threading.Lock()  # held by KV-cache forwards (see _DecodeModel)
         # completions without attention maps decode together across requests; an LSTM cannot
-        self._batcher = (
-            _DecodeBatcher(
-                _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock), DECODE_SLOTS
-            )
-            if self.model.has_attention
-            else None
-        )
+        self._batcher = None
+        if self.model.has_attention:
+            batch = DecodeBatch(self.model, DECODE_SLOTS, compile, self.tokenizer.vocab_size)
+            self._batcher = _DecodeBatcher(batch, self._lock)
 
     # -- validation ---------------------------------------------------------------------------------
     def encode(self, text: str | list[int], param: str = "text") -> list[int]:
@@ -402,7 +446,7 @@ class Engine:
         KV cache."""
         run = self._start(prompt, params)
         prompt = run.prompt
-        for _ in self._steps(run):
+        for _ in self._steps(run, chunk=COMPLETION_CHUNK):
             pass
         base = len(prompt) if params.echo else 0
         echo_logprobs = self._prompt_logprobs(run)
@@ -480,8 +524,9 @@ class Engine:
         rows = [Row(self.tokenizer, params.stop, self.tokenizer.eot_id) for _ in range(params.n)]
         return _Run(prompt, prompt_ids, params, rows)
 
-    def _steps(self, run: _Run) -> Iterator[None]:
-        """Decode until every row has finished; yields after each step."""
+    def _steps(self, run: _Run, chunk: int = 1) -> Iterator[None]:
+        """Decode until every row has finished; yields after each step (batched decoding hands
+        the steps over `chunk` at a time)."""
         params = run.params
         sampling = SamplingParams(
             max_new_tokens=params.max_tokens,
@@ -493,7 +538,7 @@ class Engine:
         )
         prompt = torch.tensor([run.prompt_ids] * params.n, device=self.device)  # (n, T)
         if params.attention is None and self._batcher is not None:
-            steps = self._batcher.stream(prompt, sampling)
+            steps = self._batcher.stream(prompt, sampling, chunk)
         else:  # the map needs each step's attention rows: this request decodes alone
             model = _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock)
             steps = generate_stream(

@@ -40,8 +40,10 @@ def free_port() -> int:
 
 # -- the child process ------------------------------------------------------------------------------
 def serve_config(artifact: Path, port: int) -> dict:
-    """configs/serve.yaml with the test's artifact, port and 2 replicas. One HTTP proxy, on the
-    head node: the nodes share one machine, so their proxies would compete for the one port."""
+    """configs/serve.yaml with the test's artifact, port and 2 replicas, decoding eager. One HTTP
+    proxy, on the head node: the nodes share one machine, so their proxies would compete for the
+    one port. (Compiling the decode step takes each replica 20-60 s on 2 cores; placement is
+    what this test is about.)"""
     import yaml
 
     config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
@@ -49,6 +51,7 @@ def serve_config(artifact: Path, port: int) -> dict:
     config["proxy_location"] = "HeadOnly"
     (app,) = config["applications"]
     app["args"]["artifact"] = str(artifact)
+    app["args"]["compile"] = False
     (deployment,) = app["deployments"]
     deployment["num_replicas"] = 2
     return config

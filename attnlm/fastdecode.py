@@ -1,0 +1,237 @@
+"""Fast decoding: one decode step over a preallocated KV cache, of shapes the host knows, compiled
+once.
+
+    decoder = StaticDecoder(model, slots=32, compile=True)   # compiled and warmed up here
+    decoder.tokens[:2] = next_ids                              # (slots,) buffers, written in place
+    decoder.positions[:2] = where_they_go
+    logits = decoder.step(width=2, key_length=12)              # (2, V) float32
+    decoder.mode, decoder.fallback     # "inductor" | "cuda-graphs" | "eager", and why not compiled
+
+`attnlm.batching.DecodeBatch` drives it (prefill, sampling, slots). A step feeds one token per
+row, row b at positions[b], writes its key and value into the cache and attends over cache
+positions 0..key_length-1 (`GPT.forward(key_length=...)`: each row's later positions are
+masked). Nothing in it reads a tensor's value on the host and its shapes follow `width` and
+`key_length` only, which the caller knows without asking the device, so it compiles to code
+without Python or synchronisation inside:
+
+- CPU: `torch.compile` (inductor) with frozen weights and the C++ wrapper, dynamic in width and
+  key length: one graph, compiled by the warm-up at construction (a step of one row runs two, as
+  dynamo would specialise size 1 into a second graph); a later recompile is refused and that
+  call runs eager (logged). The key length follows the rows: reading the whole cache (32 rows x
+  256 positions at the small shape, 150 MB in fp32) every step doubled a step's time. The
+  weights are frozen into the graph: changing them afterwards goes unseen.
+- CUDA: one CUDA graph per width bucket (1, 2, 4, ..., slots) over the whole cache (GPU memory
+  is fast enough to read it all), captured at construction; `step` replays the bucket that holds
+  `width` rows. Idle rows of the bucket feed token 0 at position 0, as idle slots always do.
+- anything else, or a compiler that fails: the same step eager, with the reason in `fallback`.
+
+`preferred_dtype` is what `dtype: auto` means for serving: bfloat16 where the hardware computes
+it natively (measured: docs/benchmarks.md, "Decode speed").
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from attnlm.model import GPT, KVCache
+
+log = logging.getLogger(__name__)
+
+MODES = ("eager", "inductor", "cuda-graphs")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    for line in lines:
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def preferred_dtype(device: torch.device | str) -> torch.dtype:
+    """bfloat16 on CUDA and on CPUs with native bf16 arithmetic (AVX-512 bf16, AMX), else
+    float32 (elsewhere bf16 is emulated, and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda" or (device.type == "cpu" and cpu_flags() & set(CPU_BF16_FLAGS)):
+        return torch.bfloat16
+    return torch.float32
+
+
+class _Step(nn.Module):
+    """The decode step as a module, so that compiling with frozen weights sees the model's
+    parameters as its own (constants), and the cache buffers as the inputs it mutates."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, key_length: int):
+        out = self.model(tokens[:, None], row_positions=positions, key_length=key_length)
+        return out.logits[:, 0].float()  # (B, V)
+
+
+class StaticDecoder:
+    """A KV cache of `slots` rows x the whole context, its token and position buffers, and the
+    decode step over them: eager, or compiled (see the module doc).
+
+    Args:
+        model: a GPT with attention, in the dtype and on the device to decode in.
+        slots: rows of the cache.
+        compile: compile the step (inductor on CPU, CUDA graphs on CUDA) and warm it up now;
+            where that is not possible the step stays eager and `fallback` says why.
+
+    The eager step puts the cache into `model` for each forward and takes it out again (the
+    caller holds whatever lock keeps other users of the model's cache apart). The compiled one
+    runs on a copy of the model's modules that shares its weights and keeps this cache: nothing
+    to install per step, nothing another thread's forward can disturb.
+    """
+
+    def __init__(self, model: GPT, slots: int, compile: bool = False) -> None:
+        if not model.config.has_attention:
+            raise ValueError("a decode step over slots needs per-row positions: attention")
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        config, weight = model.config, model.lm_head.weight
+        self.model = model
+        self.slots = slots
+        self.length = config.block_size  # positions a row holds
+        # one spare position: every key span is shorter than the cache (a span of all of it
+        # would be a contiguous view, one more compiled graph)
+        shape = (slots, config.n_head, self.length + 1, config.head_size)
+        self.cache = [KVCache(*shape, weight.device, weight.dtype) for _ in range(config.n_layer)]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=weight.device)  # (slots,)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=weight.device)  # (slots,)
+        self.mode = "eager"
+        self.fallback: str | None = None if compile else "compile off"
+        self._step = _Step(model)
+        self._compiled = None  # inductor: the compiled _Step of the model's copy
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket ->
+        self._buckets: list[int] = []
+        if compile:
+            self._compile()
+
+    def step(self, width: int, key_length: int) -> torch.Tensor:
+        """Feed rows 0..width-1 their `tokens` at their `positions` (each < key_length) and
+        return their next-token logits (width, V) float32, attending over cache positions
+        0..key_length-1."""
+        if not torch.is_inference_mode_enabled():  # (DecodeBatch calls it in inference mode)
+            with torch.inference_mode():
+                return self.step(width, key_length)
+        if not 1 <= width <= self.slots or not 1 <= key_length <= self.length:
+            raise ValueError(
+                f"step over {width} rows and {key_length} keys; the decoder has {self.slots} "
+                f"slots of {self.length} positions"
+            )
+        if self.mode == "cuda-graphs":
+            graph, logits = self._graphs[self._buckets[bisect.bisect_left(self._buckets, width)]]
+            graph.replay()
+            return logits[:width].clone()  # the graph's output is overwritten by the next replay
+        if self.mode == "inductor":
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self._compiled(self.tokens[:width], self.positions[:width], key_length)
+            except Exception as err:  # a shape the warm-up did not compile: this call eager
+                reason = _reason(err)
+                log.warning("decode step of %d x %d keys eager: %s", width, key_length, reason)
+        self.model.load_kv_cache_state(self.cache)
+        try:
+            return self._step(self.tokens[:width], self.positions[:width], key_length)
+        finally:
+            self.model.clear_kv_cache()
+
+    # -- compilation ------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        device = self.tokens.device.type
+        try:
+            own = _Step(_sharing_weights(self.model))  # the model's copy, this cache installed
+            own.model.load_kv_cache_state(self.cache)
+            if device == "cpu":
+                self._compile_inductor(own)
+            elif device == "cuda":
+                self._capture_cuda_graphs(own)
+            else:
+                raise RuntimeError(f"no compiled decode step for device {device!r}")
+        except Exception as err:
+            self.mode, self.fallback = "eager", _reason(err)
+            self._compiled, self._graphs, self._buckets = None, {}, []
+            log.warning("decode step not compiled, eager instead: %s", self.fallback)
+        self._clear()
+
+    @torch.inference_mode()
+    def _compile_inductor(self, own: _Step) -> None:
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(own, dynamic=True, fullgraph=True)
+        for widths, options in self._inductor_options():
+            # frozen weights must be on while dynamo traces, not only inside inductor
+            with inductor_config.patch(freezing=True, cpp_wrapper=True, **options):
+                for width in widths:
+                    for key_length in sorted({min(2, self.length), self.length}):
+                        compiled(self.tokens[:width], self.positions[:width], key_length)
+        with torch.compiler.set_stance("fail_on_recompile"):  # a new shape needs no new graph
+            width = max(self.slots - 1, 1)
+            compiled(self.tokens[:width], self.positions[:width], max(self.length - 1, 1))
+        self._compiled, self.mode, self.fallback = compiled, "inductor", None
+
+    def _inductor_options(self) -> list[tuple[list[int], dict]]:
+        """The widths of each graph and the inductor options it compiles with. The one-row
+        graph of fp32 weights multiplies through inductor's own C++ GEMM template, not oneDNN:
+        2.2x faster at the small shape and 1.4x at the tiny one (a matrix-vector product), but
+        slower for more rows and for bf16 weights on AVX-512 (2x at the small shape)."""
+        gemv = {}
+        if self.cache[0].k.dtype == torch.float32:
+            gemv = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+        more = sorted({min(2, self.slots), self.slots} - {1})
+        return [([1], gemv)] + ([(more, {})] if more else [])
+
+    @torch.inference_mode()
+    def _capture_cuda_graphs(self, own: _Step) -> None:
+        buckets = sorted({min(2**i, self.slots) for i in range(self.slots.bit_length() + 1)})
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture stream, as capture needs
+            for width in buckets:
+                for _ in range(2):
+                    own(self.tokens[:width], self.positions[:width], self.length)
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        for width in buckets:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = own(self.tokens[:width], self.positions[:width], self.length)
+            self._graphs[width] = (graph, logits)
+        self._buckets = buckets
+        self.mode, self.fallback = "cuda-graphs", None
+        torch.cuda.synchronize()
+
+    def _clear(self) -> None:
+        """Back to an empty cache after the warm-up wrote into it."""
+        with torch.inference_mode():
+            for cache in self.cache:
+                cache.k.zero_()
+                cache.v.zero_()
+            self.tokens.zero_()
+            self.positions.zero_()
+
+
+def _sharing_weights(model: GPT) -> GPT:
+    """A copy of the model's modules holding the very same parameter and buffer tensors."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo=shared)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
