@@ -6,10 +6,12 @@
   - `serving.forwards`: many texts in few forwards (packed rows, length buckets);
   - `serving.attention_maps`: layer/head selection, mean, rollout, json/base64 encoding;
   - `serving.detok`: incremental detokenization, stop strings, logprobs;
+  - `serving.decoder`: the thread that decodes completions in flight together;
   - `serving.sentence_probe`: the agreement probe on one sentence;
   - `serving.text`: what the API takes as text (surrogates, long texts, token-id prompts).
 - `serving.limits`: every request limit and default, for the engine and the request models.
 - `serving.schemas`: pydantic request models, OpenAI's error body.
+- `serving.app_args`: the application's args, checked before any replica starts.
 - `serving.settings`: the deployment's `user_config` (batching, in-flight bound).
 - `serving.app`: the deployment (`serve run configs/serve.yaml`), on its HTTP parts:
   - `serving.http`: errors in OpenAI's body (a 500 with the request id), the ASGI middlewares;

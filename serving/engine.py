@@ -5,8 +5,9 @@ FastAPI or pydantic, so it runs and is tested on its own. `serving/app.py` puts 
 Serve deployment and turns `EngineError` into OpenAI's error body (docs/serving.md). Its parts:
 `serving.params` (parameters, results, EngineError; bounds from `serving.limits`),
 `serving.forwards` (texts packed into few forwards), `serving.attention_maps` (selection,
-rollout, encoding), `serving.detok` (incremental text, stop strings, logprobs) and
-`serving.sentence_probe` (`probe`).
+rollout, encoding), `serving.detok` (incremental text, stop strings, logprobs),
+`serving.decoder` (the thread that decodes completions together) and `serving.sentence_probe`
+(`probe`).
 
     engine = Engine("artifacts/tiny")                  # cuda + bf16 when available, else cpu + fp32
     engine.next_token(["The cats near the dog"], top_k=5)[0].top
@@ -19,9 +20,9 @@ rollout, encoding), `serving.detok` (incremental text, stop strings, logprobs) a
 rows (each text with its own positions, attending only to itself: the same numbers as alone, with
 almost no padding); an LSTM model gets right-padded length buckets instead. Completions decode
 their `n` samples on the KV cache; those in flight at the same time share each decode step
-(`_DecodeBatcher`), except requests for attention maps, which go through `attnlm.generate.stream`
-alone. The model's vocabulary
-may be padded past the tokenizer's; ids without text are never reported nor sampled.
+(`serving.decoder.DecodeBatcher`, on the compiled decode step with `compile=True`), except
+requests for attention maps, which go through `attnlm.generate.stream` alone. The served
+vocabulary is the tokenizer's (`load_artifact` crops a padded folder's extra rows).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,13 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from attnlm.artifact import load_artifact
-from attnlm.batching import DecodeBatch, DecodeRequest
+from attnlm.batching import DecodeBatch
 from attnlm.fastdecode import preferred_dtype
-from attnlm.generate import GenerationStep, SamplingParams, assemble_attention
+from attnlm.generate import SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
-from attnlm.lstm import LSTMLM
-from attnlm.model import GPT, GPTOutput
 from serving.attention_maps import attention_map, check_attention_options
+from serving.decoder import DecodeBatcher, DecodeModel
 from serving.detok import Row, join_logprobs, logprobs_dict, prompt_logprobs, token_records
 from serving.forwards import TextForwards
 from serving.limits import DEFAULT_TOP_K
@@ -70,185 +69,6 @@ DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions dec
 # is seen at most this many steps late, which are decoded in vain
 COMPLETION_CHUNK = 16
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# -- decoding internals -------------------------------------------------------------------------------
-class _DecodeModel:
-    """The engine's model as if it were a decoder's own, for `attnlm.generate.stream`: logits
-    cut to the tokenizer's ids, and KV caches of its own.
-    A cache is put into the shared model only for the length of one forward, under the engine's
-    lock, so decoders interleaved by threads or by async streams never overwrite each other's."""
-
-    def __init__(self, model: GPT | LSTMLM, vocab_size: int, lock: threading.Lock) -> None:
-        self.model = model
-        self.config = model.config
-        self.vocab_size = vocab_size
-        self._lock = lock
-        self._caches: object | None = None
-
-    def set_kv_cache(self, batch_size: int, max_seq_length: int | None = None, **kwargs) -> None:
-        with self._lock:
-            self.model.set_kv_cache(batch_size, max_seq_length, **kwargs)
-            self._caches = self.model.kv_cache_state()
-            self.model.clear_kv_cache()
-
-    def clear_kv_cache(self) -> None:
-        self._caches = None
-
-    def kv_cache_state(self) -> object | None:
-        return self._caches
-
-    def load_kv_cache_state(self, state: object | None) -> None:
-        self._caches = state
-
-    def __call__(
-        self,
-        idx: torch.Tensor,
-        *,
-        input_pos: int | None = None,
-        row_positions: torch.Tensor | None = None,
-        return_attention: bool = False,
-    ) -> GPTOutput:
-        with self._lock:
-            if self._caches is not None:
-                self.model.load_kv_cache_state(self._caches)
-            try:
-                out = self.model(
-                    idx,
-                    input_pos=input_pos,
-                    row_positions=row_positions,
-                    return_attention=return_attention,
-                )
-            finally:
-                self.model.clear_kv_cache()
-        return out._replace(logits=out.logits[..., : self.vocab_size])  # (B, T, V_tokenizer)
-
-
-class _BatchRun:
-    """One completion (n rows) handed to `_DecodeBatcher`: waiting for slots, then decoding.
-    Its steps reach the consumer `chunk` at a time: one wake-up of its thread per chunk (with 32
-    completions in flight, waking each consumer every step cost the decode thread a quarter of
-    its time in GIL hand-overs)."""
-
-    def __init__(self, prompt: torch.Tensor, params: SamplingParams, chunk: int) -> None:
-        self.prompt = prompt  # (n, T)
-        self.params = params
-        self.chunk = chunk
-        self.cancelled = False
-        self._items: list = []  # GenerationSteps, then None (the end) or an exception
-        self._ready = threading.Condition()
-
-    def put(self, item: GenerationStep | BaseException | None) -> None:
-        """Hand over a step, or the end (None, an exception): the consumer wakes at the end or
-        once a chunk is there."""
-        with self._ready:
-            self._items.append(item)
-            if not isinstance(item, GenerationStep) or len(self._items) >= self.chunk:
-                self._ready.notify()
-
-    def take(self) -> list:
-        """Wait for a chunk of steps (or the end) and take every item handed over so far."""
-        with self._ready:
-            self._ready.wait_for(
-                lambda: (
-                    len(self._items) >= self.chunk
-                    or (self._items and not isinstance(self._items[-1], GenerationStep))
-                )
-            )
-            items, self._items = self._items, []
-        return items
-
-
-class _DecodeBatcher:
-    """Schedules concurrent completions onto one `attnlm.batching.DecodeBatch`, which decodes
-    them together: each request is prefilled alone into its slots of one shared KV cache, then
-    every decode step is one forward over the active rows of all requests, each row at its own
-    position, each request sampling with its own parameters and seed (the same
-    `GenerationStep`s as `attnlm.generate.stream` alone). A request waits for free slots when
-    all are taken, first come first served. The work runs on one background thread, holding
-    `lock` (the engine's, see _DecodeModel) around the batch's forwards; a closed stream leaves
-    the batch before the next step."""
-
-    def __init__(self, batch: DecodeBatch, lock: threading.Lock) -> None:
-        self.n_slots = batch.n_slots
-        self._batch = batch  # touched by the decode thread only
-        self._lock = lock
-        self._runs: dict[DecodeRequest, _BatchRun] = {}  # decoding now
-        self._pending: deque[_BatchRun] = deque()
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def stream(
-        self, prompt: torch.Tensor, params: SamplingParams, chunk: int = 1
-    ) -> Iterator[GenerationStep]:
-        """`attnlm.generate.stream(model, prompt, params)` (no attention), decoded together with
-        the other requests in flight, its steps handed over `chunk` at a time. Closing the
-        iterator early frees the request's slots."""
-        if prompt.size(0) > self.n_slots:
-            raise ValueError(f"{prompt.size(0)} rows; the batcher has {self.n_slots} slots")
-        run = _BatchRun(prompt, params, chunk)
-        with self._wake:
-            self._pending.append(run)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="decode-batcher", daemon=True
-                )
-                self._thread.start()
-            self._wake.notify()
-        try:
-            while True:
-                for item in run.take():
-                    if item is None:
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-        finally:
-            run.cancelled = True
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._pending and not self._runs:
-                    self._wake.wait()
-                admitted, free = [], self._batch.free_slots
-                while self._pending and free >= self._pending[0].prompt.size(0):
-                    run = self._pending.popleft()
-                    if not run.cancelled:
-                        admitted.append(run)
-                        free -= run.prompt.size(0)
-            for run in admitted:
-                try:
-                    with self._lock:
-                        request = self._batch.add(run.prompt, run.params)
-                except BaseException as err:  # fail this request, keep serving
-                    run.put(err)
-                    continue
-                if request is None:  # nothing to decode
-                    run.put(None)
-                else:
-                    self._runs[request] = run
-            try:
-                self._step()
-            except BaseException as err:  # fail the requests in flight, keep serving
-                for request, run in self._runs.items():
-                    run.put(err)
-                    self._batch.remove(request)
-                self._runs.clear()
-
-    def _step(self) -> None:
-        for request, run in list(self._runs.items()):
-            if run.cancelled:
-                self._batch.remove(request)
-                del self._runs[request]
-        with self._lock:
-            results = self._batch.step()
-        for request, step in results:
-            run = self._runs[request]
-            run.put(step)
-            if request.done:
-                run.put(None)
-                del self._runs[request]
 
 
 @dataclass
@@ -313,12 +133,12 @@ class Engine:
         if not is_int(max_tokens_limit) or max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
         self.max_tokens_limit = max_tokens_limit
-        self._lock = threading.Lock()  # held by KV-cache forwards (see _DecodeModel)
+        self._lock = threading.Lock()  # held by KV-cache forwards (see DecodeModel)
         # completions without attention maps decode together across requests; an LSTM cannot
         self._batcher = None
         if self.model.has_attention:
             batch = DecodeBatch(self.model, DECODE_SLOTS, compile, self.tokenizer.vocab_size)
-            self._batcher = _DecodeBatcher(batch, self._lock)
+            self._batcher = DecodeBatcher(batch, self._lock)
 
     # -- validation ---------------------------------------------------------------------------------
     def encode(self, text: str | list[int], param: str = "text") -> list[int]:
@@ -540,7 +360,7 @@ class Engine:
         if params.attention is None and self._batcher is not None:
             steps = self._batcher.stream(prompt, sampling, chunk)
         else:  # the map needs each step's attention rows: this request decodes alone
-            model = _DecodeModel(self.model, self.tokenizer.vocab_size, self._lock)
+            model = DecodeModel(self.model, self.tokenizer.vocab_size, self._lock)
             steps = generate_stream(
                 model, prompt, sampling, params.attention is not None, run.prefill
             )
