@@ -207,12 +207,12 @@ def bench_bare_call(engine, text: str, calls: int) -> dict:
 
 # -- 3. load generation -------------------------------------------------------------------------------
 def serve_yaml_args() -> dict:
-    """configs/serve.yaml's application arguments but the artifact (dtype, compile, ...): the
-    app is measured as it ships."""
+    """configs/serve.yaml's application arguments but the artifact and its served name (dtype,
+    compile, ...): the app is measured as it ships, serving the bench's own model."""
     import yaml
 
     (app,) = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"]
-    return {key: value for key, value in app["args"].items() if key != "artifact"}
+    return {k: v for k, v in app["args"].items() if k not in ("artifact", "model_name")}
 
 
 def children_cpu() -> float:
