@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from attnlm.config import GPTConfig
-from attnlm.model import GPTOutput, cache_length, check_positions, lm_loss, optimizer_groups
+from attnlm.lm import GPTOutput, cache_length, check_positions, lm_loss, optimizer_groups
 
 
 class LSTMState(nn.Module):

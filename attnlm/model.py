@@ -21,26 +21,20 @@ Incremental decoding: `model.set_kv_cache(batch_size)`, then `model(idx, input_p
 the keys/values of positions p..p+T-1 and attends over 0..p+T-1, or `model(idx, row_positions=pos)`
 feeds one token per row, row b at position pos[b] (rows decoded together: `attnlm.batching`;
 with `key_length`, over a fixed span of keys: the compiled step of `attnlm.fastdecode`).
-The helpers the LSTM (`attnlm.lstm`) shares live here too: GPTOutput, lm_loss, check_positions,
-cache_length, optimizer_groups.
+What the LSTM (`attnlm.lstm`) shares with it lives in `attnlm.lm` (GPTOutput, lm_loss, the
+position and cache checks, optimizer_groups).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from attnlm.config import GPTConfig
-
-
-class GPTOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, vocab_size)
-    loss: torch.Tensor | None  # scalar mean cross-entropy in nats, when targets are given
-    attention: torch.Tensor | None  # (n_layer, B, n_head, T, T_k) float32, when asked for
+from attnlm.lm import GPTOutput, cache_length, check_positions, lm_loss, optimizer_groups
 
 
 class KVCache(nn.Module):
@@ -285,32 +279,6 @@ def segment_starts(segments: torch.Tensor) -> torch.Tensor:
     return torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
 
 
-def check_positions(config: GPTConfig, start: int, length: int) -> None:
-    """ValueError unless positions start..start+length-1 fit the context window."""
-    if start < 0 or start + length > config.block_size:
-        raise ValueError(
-            f"positions {start}..{start + length - 1} exceed the context window of "
-            f"{config.block_size} tokens"
-        )
-
-
-def cache_length(config: GPTConfig, max_seq_length: int | None) -> int:
-    """The positions a decoding cache holds (default: the whole context), checked."""
-    max_seq_length = config.block_size if max_seq_length is None else max_seq_length
-    if not 1 <= max_seq_length <= config.block_size:
-        raise ValueError(f"max_seq_length must be in 1..{config.block_size}, got {max_seq_length}")
-    return max_seq_length
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
-    """Mean next-token cross-entropy in nats (targets -1 ignored), or None without targets."""
-    if targets is None:
-        return None
-    return F.cross_entropy(
-        logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-    )
-
-
 class GPT(nn.Module):
     has_attention = True
 
@@ -452,11 +420,3 @@ class GPT(nn.Module):
         """AdamW parameter groups: decay on matrices (Linear weights, embeddings), none on
         biases and LayerNorm parameters."""
         return optimizer_groups(self, weight_decay)
-
-
-def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
