@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("eager", "inductor", "cuda-graphs")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
-# float32 weights from which bfloat16 decodes faster on such a CPU (docs/benchmarks.md, "Decode
-# speed": the tiny shape, 3.7 MB, decodes faster in fp32; the small one, 44 MB, in bf16)
+# float32 weights from which a CPU decode step reads its weights from memory rather than from
+# the caches (docs/benchmarks.md, "Decode speed": the tiny shape, 3.7 MB, vs the small one, 44 MB):
+# from there bfloat16 pays (half the bytes) and the compiled kernels take torch's threads; below,
+# float32 is faster and the kernels run on one thread (OpenMP's fork/join costs more than the work)
 CPU_BF16_MIN_BYTES = 16 * 2**20
 
 
@@ -140,6 +142,8 @@ class StaticDecoder:
         self._prefill = _Prefill(_sharing_weights(model), self.cache)
         self._prefill_compiled = None
         self._prefill_rows = 0  # the compiled prefill takes prompts of up to this many rows
+        self._prompt = torch.zeros(slots, self.length, dtype=torch.long, device=weight.device)
+        self._rows = torch.zeros(slots, dtype=torch.long, device=weight.device)
         if compile:
             self._compile()
 
@@ -168,12 +172,14 @@ class StaticDecoder:
                 f"the decoder has {self.slots} slots of {self.length} positions"
             )
         with torch.inference_mode():
-            prompt = prompt.contiguous()
-            # the compiled graphs: one row (or any rows, on CPU), two tokens or more
             if self._prefill_compiled is not None and T > 1 and n <= self._prefill_rows:
+                # the graph's inputs are this decoder's own buffers, whatever the caller's
+                # tensors are (inference tensors or not, strides): no guard tells them apart
+                self._prompt[:n, :T] = prompt
+                self._rows[:n] = rows
                 try:
                     with torch.compiler.set_stance("fail_on_recompile"):
-                        return self._prefill_compiled(prompt, rows)
+                        return self._prefill_compiled(self._prompt[:n, :T], self._rows[:n])
                 except Exception as err:  # a shape the warm-up did not compile: eager
                     log.warning("prefill of %d x %d tokens eager: %s", n, T, _reason(err))
             return self._prefill(prompt, rows)
@@ -253,13 +259,11 @@ class StaticDecoder:
         import torch._inductor.config as inductor_config
 
         compiled = torch.compile(self._prefill, dynamic=True, fullgraph=True)
-        rows = torch.zeros(1, dtype=torch.long, device=self.tokens.device)
-        with inductor_config.patch(freezing=True, cpp_wrapper=True):
+        with inductor_config.patch(freezing=True, cpp_wrapper=True, **self._kernel_threads()):
             for T in sorted({2, self.length}):
-                compiled(self.tokens[:1, None].expand(1, T).contiguous(), rows)
+                compiled(self._prompt[:1, :T], self._rows[:1])
         with torch.compiler.set_stance("fail_on_recompile"):
-            T = max(self.length - 1, 2)
-            compiled(self.tokens[:1, None].expand(1, T).contiguous(), rows)
+            compiled(self._prompt[:1, : max(self.length - 1, 2)], self._rows[:1])
         self._prefill_compiled, self._prefill_rows = compiled, 1
 
     def _inductor_options(self) -> list[tuple[list[int], dict]]:
@@ -267,11 +271,18 @@ class StaticDecoder:
         graph of fp32 weights multiplies through inductor's own C++ GEMM template, not oneDNN:
         2.2x faster at the small shape and 1.4x at the tiny one (a matrix-vector product), but
         slower for more rows and for bf16 weights on AVX-512 (2x at the small shape)."""
-        gemv = {}
+        common = self._kernel_threads()
+        gemv = dict(common)
         if self.cache[0].k.dtype == torch.float32:
-            gemv = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+            gemv |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
         more = sorted({min(2, self.slots), self.slots} - {1})
-        return [([1], gemv)] + ([(more, {})] if more else [])
+        return [([1], gemv)] + ([(more, common)] if more else [])
+
+    def _kernel_threads(self) -> dict:
+        """Inductor's C++ kernels of a model under CPU_BF16_MIN_BYTES run on one thread: the tiny
+        shape's step took 0.13 ms on one thread and 1.3 ms on two (2 cores shared with other
+        work; docs/benchmarks.md). Larger ones take torch's threads when compiled."""
+        return {"cpp.threads": 1} if weight_bytes(self.model) < CPU_BF16_MIN_BYTES else {}
 
     @torch.inference_mode()
     def _capture_cuda_graphs(self, own: _Step) -> None:
