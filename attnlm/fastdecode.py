@@ -2,6 +2,7 @@
 once.
 
     decoder = StaticDecoder(model, slots=32, compile=True)   # compiled and warmed up here
+    logits = decoder.prefill(prompt, rows)                     # (n, T) ids into rows (n,)
     decoder.tokens[:2] = next_ids                              # (slots,) buffers, written in place
     decoder.positions[:2] = where_they_go
     logits = decoder.step(width=2, key_length=12)              # (2, V) float32
@@ -17,9 +18,14 @@ without Python or synchronisation inside:
 - CPU: `torch.compile` (inductor) with frozen weights and the C++ wrapper, dynamic in width and
   key length: one graph, compiled by the warm-up at construction (a step of one row runs two, as
   dynamo would specialise size 1 into a second graph); a later recompile is refused and that
-  call runs eager (logged). The key length follows the rows: reading the whole cache (32 rows x
-  256 positions at the small shape, 150 MB in fp32) every step doubled a step's time. The
-  weights are frozen into the graph: changing them afterwards goes unseen.
+  call runs eager (logged). A call evaluates only the guards telling the two graphs apart
+  (`skip_guard_eval_unsafe`): its inputs are always views of the decoder's own buffers, in
+  inference mode, over the range of key spans the warm-up compiled. The key length follows the
+  rows: reading the whole cache (32 rows x 256 positions at the small shape, 150 MB in fp32)
+  every step doubled a step's time. The weights are frozen into the graph: changing them
+  afterwards goes unseen. A model under CPU_BF16_MIN_BYTES compiles its kernels single-threaded.
+  The prompt's forward (`prefill`: keys and values written straight into the request's rows, the
+  last position's logits) is compiled too, one graph for one row of 2+ tokens (others eager).
 - CUDA: one CUDA graph per width bucket (1, 2, 4, ..., slots) over the whole cache (GPU memory
   is fast enough to read it all), captured at construction; `step` replays the bucket that holds
   `width` rows. Idle rows of the bucket feed token 0 at position 0, as idle slots always do.
