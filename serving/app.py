@@ -4,8 +4,9 @@
     serve run serving.app:build_app artifact=artifacts/tiny
 
 Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming), POST
-/v1/next-token, POST /v1/attention, POST /v1/probe, GET /v1/models, GET /health, GET /metrics,
-GET / (viewer).
+/v1/chat/completions (through the folder's chat template), POST /v1/next-token, POST
+/v1/attention, POST /v1/probe, GET /v1/models[/{id}], GET /tokenizer_info, POST /tokenize and
+/detokenize (vLLM's shapes), GET /health, GET /metrics, GET / (viewer).
 Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
 (size and wait in `user_config`, `serving.settings`). Every error answers OpenAI's error body
 (`serving.http`): a bad request a 4xx (checked once: by the pydantic models of `serving.schemas`,
