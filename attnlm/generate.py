@@ -209,7 +209,8 @@ class SamplingState:
         if params.repetition_penalty != 1.0:
             penalty = params.repetition_penalty
             scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
-            logits = torch.where(self._seen, scaled, logits)
+            big = torch.finfo(logits.dtype).max  # a penalty near 0 or huge stays finite: no nan
+            logits = torch.where(self._seen, scaled, logits).clamp(-big, big)
         if params.frequency_penalty:
             logits = logits - params.frequency_penalty * self._counts
         if params.presence_penalty:

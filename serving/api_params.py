@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.limits import DEFAULT_MAX_TOKENS
-from serving.params import AttentionOptions, CompletionParams, Deadline
+from serving.params import AttentionOptions, CompletionParams, Deadline, invalid
 from serving.schemas import (
     AttentionOptionsModel,
     ChatCompletionRequest,
@@ -74,7 +74,11 @@ def chat_params(
     request: ChatCompletionRequest, max_tokens: int, timeout_s: float | None = None
 ) -> CompletionParams:
     """The engine's parameters of a chat completion: `max_completion_tokens` (or the older
-    `max_tokens`), else `max_tokens` (what fits the context after the prompt)."""
+    `max_tokens`), else `max_tokens`, the engine's limit (the context ends a row sooner)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = getattr(request, name)
+        if value is not None and value > max_tokens:
+            raise invalid(f"{name} must be at most {max_tokens}, got {value}", name)
     asked = request.max_completion_tokens or request.max_tokens
     return CompletionParams(
         max_tokens=max_tokens if asked is None else asked,

@@ -339,7 +339,6 @@ def _state_bounds(schemas: dict[str, Any], bounds: ModelBounds) -> None:
                 (bias,) = node.pop("patternProperties").values()
                 node["propertyNames"] = {"pattern": digits_below(bounds.vocab_size)}
                 node["additionalProperties"] = bias
-        _bound_integers(props["top_k"], bounds.vocab_size)
         _bound_integers(props["min_tokens"], bounds.max_tokens)
     _bound_integers(chat["max_tokens"], bounds.max_tokens)
     _bound_integers(chat["max_completion_tokens"], bounds.max_tokens)

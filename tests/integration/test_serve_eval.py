@@ -16,6 +16,7 @@ import tempfile
 import httpx
 import pytest
 
+from tests.integration.helpers import CHAT_TEMPLATE as TEMPLATE
 from tests.integration.helpers import build_tiny_artifact
 from tests.integration.test_serve import assert_error, free_port, wait_healthy
 
@@ -23,10 +24,6 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 ITEMS = 12  # lm-eval's multiple-choice items
 
 

@@ -135,6 +135,17 @@ def test_bad_controls(kwargs, field):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize("penalty", [5e-324, 1e300])
+def test_extreme_repetition_penalties_still_sample(penalty):
+    params = SamplingParams(repetition_penalty=penalty, seed=0)
+    prompt = torch.tensor([[0, 1, 2, 3]])
+    state = SamplingState(params, 1, 4, torch.device("cpu"), prompt=prompt)
+    for _ in range(3):
+        logits = torch.randn(1, 10)
+        assert torch.isfinite(state.adjust(logits)).all()
+        state.choose(logits)
+
+
 def test_logit_bias_past_the_vocabulary_is_a_sampling_error():
     state = SamplingState(SamplingParams(logit_bias={50: 1.0}), 1, 4, torch.device("cpu"))
     with pytest.raises(SamplingError, match="50"):
