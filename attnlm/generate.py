@@ -46,7 +46,7 @@ class SamplingParams:
     seed: int | None = None  # reproducible sampling
     frequency_penalty: float = 0.0  # minus this x count of the token among the row's samples
     presence_penalty: float = 0.0  # minus this once the token is among the row's samples
-    repetition_penalty: float = 1.0  # > 0; vLLM's: over prompt and samples, 1 = none
+    repetition_penalty: float = 1.0  # > 0 (used within 1e-30..1e30); vLLM's: prompt + samples
     logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # no stop token before this many tokens
 
@@ -190,49 +190,69 @@ class SamplingState:
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)  # (rows,)
         self.steps = 0  # tokens sampled so far
         self._prompt = prompt
-        self._counts: torch.Tensor | None = None  # (rows, V) float: samples per token
-        self._seen: torch.Tensor | None = None  # (rows, V) bool: in the prompt or sampled
-        self._bias: torch.Tensor | None = None  # (V,) float: logit_bias as a vector
+        # built at the first step, when the vocabulary is known (only those the params use):
+        self._work: torch.Tensor | None = None  # (rows, V): the adjusted logits, reused
+        self._penalty: torch.Tensor | None = None  # (rows, V): frequency x count + presence
+        self._sampled: torch.Tensor | None = None  # (rows, V) bool: sampled in this row
+        self._seen: torch.Tensor | None = None  # (rows, V) 1.0 / 0.0: in the prompt or sampled
+        self._factor: torch.Tensor | None = None  # (rows, V): repetition factors, reused
+        self._bias: torch.Tensor | None = None  # (V,): logit_bias as a vector
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits (rows, V) sampling uses: bias, penalties and min_tokens applied (the
-        module doc says in which order). SamplingError for a logit_bias id past V."""
+        module doc says in which order), in a buffer of this state's (`logits` is left as it
+        is; the result is overwritten by the next call). SamplingError for a logit_bias id
+        past V."""
         params = self.params
         if not params.adjusts_logits:
             return logits
-        rows, vocab = logits.shape
-        if self._counts is None:
-            self._start(rows, vocab, logits.device)
-        logits = logits.float()
+        if self._work is None:
+            self._start(*logits.shape, logits.device)
+        work = self._work.copy_(logits)  # in place from here: no (rows, V) allocation a step
         if self._bias is not None:
-            logits = logits + self._bias  # (rows, V)
-        if params.repetition_penalty != 1.0:
-            penalty = params.repetition_penalty
-            scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
-            big = torch.finfo(logits.dtype).max  # a penalty near 0 or huge stays finite: no nan
-            logits = torch.where(self._seen, scaled, logits).clamp(-big, big)
-        if params.frequency_penalty:
-            logits = logits - params.frequency_penalty * self._counts
-        if params.presence_penalty:
-            logits = logits - params.presence_penalty * (self._counts > 0).float()
+            work.add_(self._bias)
+        if self._seen is not None:  # x 1/p where positive, x p where not; seen tokens only
+            p = min(max(params.repetition_penalty, 1e-30), 1e30)  # float32 keeps p and 1/p
+            big = torch.finfo(work.dtype).max  # logits x 1e30 stay finite: no inf - inf later
+            factor = self._factor.copy_(work > 0).mul_(1.0 / p - p).add_(p)
+            factor.sub_(1.0).mul_(self._seen).add_(1.0)
+            work.mul_(factor).clamp_(-big, big)
+        if self._penalty is not None:
+            work.sub_(self._penalty)
         if self.steps < params.min_tokens and len(self.stop_ids):
-            logits = logits.index_fill(-1, self.stop_ids, float("-inf"))
-        return logits
+            work.index_fill_(-1, self.stop_ids, float("-inf"))
+        return work
 
     def _start(self, rows: int, vocab: int, device: torch.device) -> None:
         params = self.params
-        self._counts = torch.zeros(rows, vocab, device=device)  # (rows, V)
-        self._seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)  # (rows, V)
-        if self._prompt is not None and params.repetition_penalty != 1.0:
-            self._seen.scatter_(1, self._prompt.to(device), True)
+        self._work = torch.empty(rows, vocab, device=device)
+        if params.frequency_penalty or params.presence_penalty:
+            self._penalty = torch.zeros(rows, vocab, device=device)
+            self._sampled = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        if params.repetition_penalty != 1.0:
+            self._seen = torch.zeros(rows, vocab, device=device)
+            self._factor = torch.empty(rows, vocab, device=device)
+            if self._prompt is not None:
+                self._seen.scatter_(1, self._prompt.to(device), 1.0)
         if params.logit_bias:
             ids = list(params.logit_bias)
             if max(ids) >= vocab:
                 raise SamplingError(f"logit_bias: token id {max(ids)} is not below {vocab}")
-            self._bias = torch.zeros(vocab, device=device)
-            index = torch.tensor(ids, device=device)
             values = [float(v) for v in params.logit_bias.values()]
-            self._bias[index] = torch.tensor(values, device=device)
+            self._bias = torch.zeros(vocab, device=device)
+            self._bias[torch.tensor(ids, device=device)] = torch.tensor(values, device=device)
+
+    def _count(self, tokens: torch.Tensor) -> None:
+        """Record the sampled tokens (rows,) for the penalties of the next steps."""
+        index = tokens[:, None]  # (rows, 1)
+        if self._penalty is not None:
+            first = ~self._sampled.gather(1, index)  # (rows, 1): not sampled before
+            params = self.params
+            add = params.frequency_penalty + params.presence_penalty * first.float()
+            self._penalty.scatter_add_(1, index, add)
+            self._sampled.scatter_(1, index, True)
+        if self._seen is not None:
+            self._seen.scatter_(1, index, 1.0)
 
     def choose(self, logits: torch.Tensor) -> tuple[GenerationStep, bool]:
         """Sample the next token of every row from logits (rows, V) float32.
@@ -244,9 +264,8 @@ class SamplingState:
         """
         tokens = sample(self.adjust(logits), self.params, self.generator)  # (rows,)
         self.steps += 1
-        if self._counts is not None:
-            self._counts.scatter_add_(1, tokens[:, None], torch.ones_like(self._counts[:, :1]))
-            self._seen.scatter_(1, tokens[:, None], True)
+        if self._work is not None:
+            self._count(tokens)
         last = self.steps == self.budget
         if len(self.stop_ids):  # (finished is replaced, never written: steps may keep it)
             self.finished = self.finished | torch.isin(tokens, self.stop_ids)
