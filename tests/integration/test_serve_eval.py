@@ -208,9 +208,10 @@ def test_chat_completions_through_the_template(server, client):
     assert_error(server.post("/v1/chat/completions", json=bad), 400)
 
 
-def write_task(folder) -> str:
-    """A 12-item multiple-choice task from the built-in corpus: the sentence up to its main
-    verb, the agreeing and the wrong verb form, in a shuffled order."""
+def write_tasks(folder) -> tuple[str, str]:
+    """Two lm-eval tasks on 12 sentences of the built-in corpus: multiple choice (the sentence
+    up to its main verb; the agreeing and the wrong verb form, shuffled) and generation (the
+    same prefix, greedy, up to 8 tokens or a period)."""
     from attnlm.corpus import generate_sentence
 
     rng = random.Random(0)
@@ -221,32 +222,39 @@ def write_task(folder) -> str:
         label = len(items) % 2
         if label:
             choices.reverse()
-        items.append(
-            {"prefix": s.text[: s.verb_span[0]].rstrip(), "choices": choices, "label": label}
-        )
+        prefix = s.text[: s.verb_span[0]].rstrip()
+        items.append({"prefix": prefix, "choices": choices, "label": label, "verb": s.verb})
     (folder / "items.json").write_text("\n".join(json.dumps(i) for i in items))
-    (folder / "agreement.yaml").write_text(
-        "task: attnlm_agreement\n"
+    data = (
         "dataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {folder / 'items.json'}\n"
         "test_split: test\n"
-        "output_type: multiple_choice\n"
         "doc_to_text: '{{prefix}}'\n"
+    )
+    (folder / "agreement.yaml").write_text(
+        "task: attnlm_agreement\n" + data + "output_type: multiple_choice\n"
         "doc_to_choice: '{{choices}}'\n"
         "doc_to_target: '{{label}}'\n"
         "metric_list:\n  - metric: acc\n"
     )
-    return "attnlm_agreement"
+    (folder / "continue.yaml").write_text(
+        "task: attnlm_continue\n" + data + "output_type: generate_until\n"
+        "doc_to_target: ' {{verb}}'\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    return "attnlm_agreement", "attnlm_continue"
 
 
 def test_lm_eval_local_completions_matches_its_hf_model(server, artifact, tmp_path):
     """lm-eval finds the tokenizer through /tokenizer_info and /tokenize (only base_url and
     model given), scores every choice through echo + logprobs, and gets the accuracy and the
-    per-item log-likelihoods its `hf` model gets on the folder."""
+    per-item log-likelihoods its `hf` model gets on the folder; its greedy generations (stop
+    strings, max_gen_toks) are the `hf` model's too."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    task = write_task(tmp_path)
+    task, generation = write_tasks(tmp_path)
     runs = {}
     for name, args in (
         ("local-completions", f"base_url={server.base_url}/v1/completions,model=tiny"),
@@ -255,7 +263,7 @@ def test_lm_eval_local_completions_matches_its_hf_model(server, artifact, tmp_pa
         runs[name] = lm_eval.simple_evaluate(
             model=name,
             model_args=args,
-            tasks=[task],
+            tasks=[task, generation],
             task_manager=TaskManager(include_path=str(tmp_path)),
             device="cpu",
             log_samples=True,
@@ -271,3 +279,10 @@ def test_lm_eval_local_completions_matches_its_hf_model(server, artifact, tmp_pa
     assert len(got) == ITEMS and all(len(row) == 2 for row in got)
     for g, w in zip(got, want, strict=True):
         assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(g, w, strict=True)), (g, w)
+
+    def generations(run) -> list[str]:
+        samples = sorted(run["samples"][generation], key=lambda s: s["doc_id"])
+        return [s["resps"][0][0] for s in samples]
+
+    texts = generations(served)
+    assert len(texts) == ITEMS and any(texts) and texts == generations(local)
