@@ -11,9 +11,9 @@ and the row's tokens so far) divides positive logits and multiplies negative one
 `frequency_penalty` x (times the token was sampled in this row) and `presence_penalty` x (it was
 sampled at all) are subtracted (OpenAI's definitions), and until `min_tokens` tokens were
 sampled the stop tokens are ruled out. The logits a step reports (for logprobs) are the model's,
-before these adjustments. With `return_attention=True` every step also carries the attention row of the
-token just fed over all earlier positions, and `generate` assembles the full map of prompt and
-completion from the prefill map plus those rows, without recomputing the prefix.
+before these adjustments. With `return_attention=True` every step also carries the attention
+row of the token just fed over all earlier positions, and `generate` assembles the full map of
+prompt and completion from the prefill map plus those rows, without recomputing the prefix.
 
 What one decode step decides, whatever runs the forwards, is `SamplingState.choose`: sample each
 row, mark the rows that hit a stop token, end at the budget (`token_budget`). `stream` drives it
