@@ -36,7 +36,7 @@ def _sampling(request: CompletionRequest | ChatCompletionRequest) -> dict[str, A
     return {
         "temperature": request.temperature,
         "top_p": None if request.top_p >= 1.0 else request.top_p,
-        "top_k": request.top_k,
+        "top_k": None if request.top_k is not None and request.top_k < 1 else request.top_k,
         "stop": request.stop,
         "seed": request.seed,
         "n": request.n,

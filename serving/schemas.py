@@ -194,7 +194,7 @@ class _Sampling(_Strict):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[TokenKey, Bias] | None = None  # token id -> bias
     # vLLM's extras
-    top_k: StrictInt | None = Field(None, ge=1)
+    top_k: StrictInt | None = Field(None, ge=-1)  # -1 or 0 (vLLM's "all"): no top-k
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
     min_tokens: StrictInt = Field(0, ge=0)  # up to max_tokens
 

@@ -93,6 +93,9 @@ def test_what_pydantic_accepts_the_engine_accepts():
     )
     params = _completion_params(extremes)
     assert params.logit_bias == {0: -100.0, 12: 100.0} and params.best_of == MAX_N
+    for everything in (-1, 0):  # vLLM's "no top-k"
+        request = CompletionRequest(model="m", prompt="p", top_k=everything)
+        assert _completion_params(request).top_k is None
     assert (params.max_tokens, params.frequency_penalty) == (0, -2)
 
 
