@@ -310,7 +310,7 @@ BAD_REQUESTS = [
     ),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p", ""),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p", ""),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": 0}, 400, "top_k", ""),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -2}, 400, "top_k", ""),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 17}, 400, "n", "16"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 6}, 400, "logprobs", "5"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ["."] * 5}, 400, "stop", "4"),
