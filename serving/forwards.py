@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from attnlm.lstm import LSTMLM
-from attnlm.model import GPT, GPTOutput
+from attnlm.model import GPT, AttentionSink, GPTOutput
 
 MAX_PADDING = 0.2  # a length bucket may be this fraction padding (models that cannot pack)
 PACK_TOKENS = 64  # packed rows hold this many tokens (or the longest text, if longer)
@@ -75,7 +75,11 @@ class TextForwards:
         return out._replace(logits=out.logits[..., : self.vocab_size])
 
     def batches(
-        self, rows: list[list[int]], return_attention: bool = False
+        self,
+        rows: list[list[int]],
+        return_attention: bool = False,
+        attention_layers: list[int] | None = None,
+        attention_sink: AttentionSink | None = None,
     ) -> Iterator[tuple[list[tuple[int, int, int]], GPTOutput]]:
         """Batched forwards over `rows`: yields (placements, GPTOutput), where a placement
         (i, r, s) says that rows[i] sits in row r of the output from position s.
@@ -84,7 +88,8 @@ class TextForwards:
         positions and attending only to itself (`segments`), so one forward of nearly no padding
         serves them all (texts of 4 to 27 tokens: 1.5x faster than length buckets). A model
         without attention (the LSTM) cannot: rows sorted by length are cut into buckets whose
-        right padding stays under `MAX_PADDING` of their tokens.
+        right padding stays under `MAX_PADDING` of their tokens. `attention_layers` and
+        `attention_sink` go to `GPT.forward` (attention models only).
         """
         lengths = [len(r) for r in rows]
         if not self.model.has_attention:
@@ -109,5 +114,7 @@ class TextForwards:
             idx.to(self.device),
             return_attention=return_attention,
             segments=segments.to(self.device),
+            attention_layers=attention_layers,
+            attention_sink=attention_sink,
         )
         yield placements, out._replace(logits=out.logits[..., : self.vocab_size])
