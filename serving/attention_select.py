@@ -84,29 +84,32 @@ def encode_keys(keys: torch.Tensor, encoding: str) -> dict:
 
 
 # -- the size of an answer, before any work ---------------------------------------------------------
-def answer_values(options: AttentionOptions, T: int, n_layer: int, n_head: int) -> tuple[int, int]:
-    """(weights, key positions) the answer carries for a text of T tokens."""
+def answer_shape(options: AttentionOptions, T: int, n_layer: int, n_head: int) -> list[int]:
+    """The shape of the answer's weights for a text of T tokens (its key positions, with
+    `top_keys`, have the same)."""
     layers = n_layer if options.layers is None else len(options.layers)
-    heads = n_head if options.heads is None else len(options.heads)
-    maps = layers * (heads if options.aggregation == "none" else 1)
+    heads = [n_head if options.heads is None else len(options.heads)]
+    shape = [layers, *(heads if options.aggregation == "none" else [])]
     rows = T if options.rows is None else (1 if options.rows == "last" else len(options.rows))
     if options.pool is not None:
         side = math.ceil(T / pool_block(T, options.pool))
-        return maps * side * side, 0
-    if options.top_keys is not None:
-        count = maps * rows * min(options.top_keys, T)
-        return count, count
-    return maps * rows * T, 0
+        return [*shape, side, side]
+    return [*shape, rows, T if options.top_keys is None else min(options.top_keys, T)]
 
 
 def answer_bytes(options: AttentionOptions, T: int, n_layer: int, n_head: int) -> int:
     """An upper estimate of the bytes of the answer's maps: "json" writes a weight in at most
-    decimals + 3 characters ("0.1234,") and a key in its digits and a comma, "base64" 2 (weight,
-    float16) or 4 (key, int32) bytes as 4/3 as many characters."""
-    weights, keys = answer_values(options, T, n_layer, n_head)
+    decimals + 3 characters ("0.1234,"), a key in its digits and a comma, and brackets around
+    each row (4 per row bound every level's); "base64" 2 (weight, float16) or 4 (key, int32)
+    bytes in 4 characters per 3 bytes."""
+    shape = answer_shape(options, T, n_layer, n_head)
+    values = math.prod(shape)
+    keys = values if options.top_keys is not None else 0
     if options.encoding == "base64":
-        return math.ceil(weights * 2 * 4 / 3) + math.ceil(keys * 4 * 4 / 3)
-    return weights * (options.decimals + 3) + keys * (len(str(max(T - 1, 0))) + 1)
+        return 4 * math.ceil(values * 2 / 3) + 2 + (4 * math.ceil(keys * 4 / 3) + 2 if keys else 0)
+    brackets = 4 * (values // shape[-1]) + 2
+    size = values * (options.decimals + 3) + brackets
+    return size + (keys * (len(str(max(T - 1, 0))) + 1) + brackets if keys else 0)
 
 
 def _megabytes(n: int) -> str:
