@@ -31,7 +31,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -380,7 +380,7 @@ class Engine:
                 logprobs=logprobs,
             )
             if params.attention is not None:
-                attention = asdict(self._row_attention(run, index))
+                attention = self._row_attention(run, index).body()
                 choice.tokens, choice.attention = attention["tokens"], attention
             choices.append(choice)
         return Completion(
@@ -430,7 +430,7 @@ class Engine:
         if row.finish_reason is not None:
             row.closed = True
             if run.params.attention is not None:
-                attention = asdict(self._row_attention(run, index))
+                attention = self._row_attention(run, index).body()
                 delta.tokens, delta.attention = attention["tokens"], attention
         return delta
 

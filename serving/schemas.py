@@ -12,7 +12,7 @@ schema can count.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -33,12 +33,15 @@ from serving.limits import (
     DEFAULT_DECIMALS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TOP_K,
+    MAX_ATTENTION_ROWS,
     MAX_DECIMALS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_POOL,
     MAX_SEED,
     MAX_STOP,
     MAX_TEMPERATURE,
+    MAX_TOP_KEYS,
     MIN_SEED,
     Aggregation,
     Encoding,
@@ -131,6 +134,8 @@ StopStrings = Annotated[
     Field(json_schema_extra={"minLength": 1}),
 ]
 Indices = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+# query positions, negative from the end (the served schema bounds them by the context)
+Rows = Annotated[list[StrictInt], Field(min_length=1, max_length=MAX_ATTENTION_ROWS)]
 
 
 class _Strict(BaseModel):
@@ -149,6 +154,11 @@ class AttentionOptionsModel(_Strict):
     aggregation: Aggregation = "none"
     encoding: Encoding = "json"
     decimals: StrictInt = Field(DEFAULT_DECIMALS, ge=0, le=MAX_DECIMALS)
+    # long texts (docs/serving.md): these rows only; each map pooled to a side <= pool; the
+    # top_keys largest weights of each row with their key positions (pool goes with neither)
+    rows: Rows | Literal["last"] | None = None
+    pool: StrictInt | None = Field(None, ge=1, le=MAX_POOL)
+    top_keys: StrictInt | None = Field(None, ge=1, le=MAX_TOP_KEYS)
 
 
 class AttentionRequest(AttentionOptionsModel):

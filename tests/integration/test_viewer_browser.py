@@ -111,7 +111,7 @@ class _Api:
         self._check_model(req.model)
         options = _attention_options(req)
         (result,) = self.engine.attention([req.text], [options])
-        return {"model": self.engine.model_name, **dataclasses.asdict(result)}
+        return {"model": self.engine.model_name, **result.body()}
 
     def next_token(self, body: Any) -> dict:
         from serving.schemas import NextTokenRequest
