@@ -378,7 +378,11 @@ def test_analyze_renders_tokens_heatmap_and_next_tokens(chromium, server, engine
 
     # What the page asked for.
     sent = {path: body for path, body in api.requests}
-    assert sent["/v1/attention"] == {"text": TEXT, "aggregation": "none", "encoding": "base64"}
+    # every head pooled to <= 64 x 64: for this short text, the maps themselves (one request)
+    assert sent["/v1/attention"] == {
+        "text": TEXT, "aggregation": "none", "encoding": "base64", "pool": 64
+    }  # fmt: skip
+    assert [path for path, _ in api.requests].count("/v1/attention") == 1
     assert sent["/v1/next-token"] == {"text": TEXT, "top_k": 10}
 
     # The screenshot: the heatmap region is drawn (many colours, not the blank background).
