@@ -244,10 +244,10 @@ class CausalSelfAttention(nn.Module):
         """
         if self.additive:
             scores = self.additive_scores(q, k, heads)  # (B, h, T, T_k) float32
-        else:
-            scale = 1.0 / math.sqrt(q.size(-1))
-            scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, h, T, T_k)
-        return F.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)  # (B, h, T, T_k)
+        else:  # in place on the fresh scores: a long text's maps are large
+            scores = (q @ k.transpose(-2, -1)).float()  # (B, h, T, T_k)
+            scores.mul_(1.0 / math.sqrt(q.size(-1)))
+        return F.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)  # (B, h, T, T_k)
 
     def additive_scores(
         self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None

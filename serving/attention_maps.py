@@ -15,6 +15,7 @@ was asked. Nothing here runs the model forward.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -23,11 +24,19 @@ import torch.nn as nn
 
 from attnlm.config import GPTConfig
 from attnlm.tokenizer import Tokenizer
-from serving.attention_select import encode_keys, pool_maps, resolve_rows, top_keys
+from serving.attention_select import (
+    encode_keys,
+    pool_block,
+    pool_maps,
+    pool_maps_rect,
+    resolve_rows,
+    top_keys,
+)
 from serving.limits import AGGREGATIONS, ENCODINGS
 from serving.params import AttentionMap, AttentionOptions, EngineError, invalid
 
 QK = tuple[torch.Tensor, torch.Tensor]  # one layer's q (H, T, hs) and k (H, T, hs)
+POOL_CHUNK_ROWS = 256  # query rows a pooled overview computes at once
 
 
 def rollout(att: torch.Tensor) -> torch.Tensor:
@@ -151,6 +160,39 @@ def maps_from_qk(
         yield maps.mean(dim=0) if aggregation == "mean" else maps
 
 
+def pooled_from_qk(
+    blocks: Sequence[nn.Module],
+    qk: Sequence[QK | None],
+    layers: list[int],
+    heads: list[int],
+    aggregation: str,
+    size: int,
+    dtype: torch.dtype,
+) -> Iterator[torch.Tensor]:
+    """`pool_maps` of the selected maps ("none" or "mean") of one text, from its kept q and k,
+    one selected layer at a time: (h, n, n) or (n, n). Computed a few hundred query rows at a
+    time over the keys they see only (causal: about half of each map), never a whole map."""
+    q0 = next(pair[0] for pair in qk if pair is not None)
+    T, device = q0.size(1), q0.device
+    block = pool_block(T, size)
+    n = math.ceil(T / block)
+    chunk = block * max(1, POOL_CHUNK_ROWS // block)  # query rows per step, whole blocks
+    keys = torch.arange(T, device=device)  # (T,)
+    subset = None if heads == list(range(q0.size(0))) else heads
+    for layer in layers:
+        q, k = qk[layer]
+        q, k = q[heads].to(dtype), k[heads].to(dtype)  # (h, T, hs)
+        pooled = torch.zeros(len(heads), n, n, device=device)  # (h, n, n)
+        for start in range(0, T, chunk):
+            end = min(start + chunk, T)
+            allowed = keys[:end] <= keys[start:end, None]  # (c, end)
+            attn = blocks[layer].attn
+            part = attn.probabilities(q[None, :, start:end], k[None, :, :end], allowed, subset)
+            cells = pool_maps_rect(part[0], block)  # (h, c / block, end / block)
+            pooled[:, start // block : start // block + cells.size(-2), : cells.size(-1)] = cells
+        yield pooled.mean(dim=0) if aggregation == "mean" else pooled
+
+
 def attention_map(
     tokenizer: Tokenizer,
     config: GPTConfig,
@@ -169,14 +211,20 @@ def attention_map(
     layers = list(range(config.n_layer)) if options.layers is None else options.layers
     heads = list(range(config.n_head)) if options.heads is None else options.heads
     rows = resolve_rows(options.rows, len(token_ids))
+    block, pooled = None, False  # with pool: tokens per side of a cell; pooled already
     if att is not None:
         selected = select_attention(att, layers, heads, options.aggregation)
         per_layer = iter(selected if rows is None else selected[..., rows, :])
+    elif options.pool is not None and options.aggregation != "rollout":
+        # straight to the pooled cells, from the causal half of each map only
+        args = (layers, heads, options.aggregation, options.pool, dtype)
+        per_layer = pooled_from_qk(blocks, qk, *args)
+        block, pooled = pool_block(len(token_ids), options.pool), True
     else:
         per_layer = maps_from_qk(blocks, qk, layers, heads, options.aggregation, rows, dtype)
-    values, keys, block = [], [], None
+    values, keys = [], []
     for maps in per_layer:  # reduced layer by layer: one layer's maps at a time
-        if options.pool is not None:
+        if options.pool is not None and not pooled:
             maps, block = pool_maps(maps, options.pool)
         elif options.top_keys is not None:
             maps, positions = top_keys(maps, options.top_keys)

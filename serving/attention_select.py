@@ -54,15 +54,16 @@ def pool_block(T: int, size: int) -> int:
 def pool_maps(maps: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
     """Average-pool the last two axes of maps (..., T, T) into blocks of `pool_block(T, size)`
     tokens per side: (..., n, n) with n = ceil(T / block) <= size, and the block."""
-    T = maps.size(-1)
-    block = pool_block(T, size)
-    n = math.ceil(T / block)
-    pad = n * block - T
-    padded = F.pad(maps, (0, pad, 0, pad))  # (..., n*block, n*block)
-    sums = padded.unflatten(-1, (n, block)).unflatten(-3, (n, block)).sum(dim=(-1, -3))
-    counts = torch.full((n,), float(block), device=maps.device)  # (n,)
-    counts[-1] = T - (n - 1) * block
-    return sums / (counts[:, None] * counts[None, :]), block  # (..., n, n)
+    block = pool_block(maps.size(-1), size)
+    return pool_maps_rect(maps, block), block
+
+
+def pool_maps_rect(maps: torch.Tensor, block: int) -> torch.Tensor:
+    """Average-pool the last two axes of maps (..., R, C) in square blocks of `block` cells:
+    (..., ceil(R / block), ceil(C / block)), a partial last block averaged over its cells."""
+    R, C = maps.shape[-2:]
+    pooled = F.avg_pool2d(maps.reshape(-1, 1, R, C), block, ceil_mode=True)  # (N, 1, r, c)
+    return pooled.reshape(*maps.shape[:-2], *pooled.shape[-2:])
 
 
 def top_keys(maps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
