@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attnlm.additive import additive_scores
 from attnlm.config import GPTConfig
 from attnlm.lm import GPTOutput, cache_length, check_positions, lm_loss, optimizer_groups
 
@@ -237,7 +238,8 @@ class CausalSelfAttention(nn.Module):
         """Attention probabilities of q (B, h, T, hs) over k (B, h, T_k, hs) where `allowed`
         (broadcast to (B, h, T, T_k), bool) is True: the explicit path's softmax, also used to
         compute maps from q and k kept after an SDPA forward (`attention_sink`). `heads`: which
-        of this layer's heads q and k hold (default all; additive scoring has weights per head).
+        of this layer's heads q and k hold (default all; additive scoring has weights per head,
+        and takes the queries as the last T of T_k positions).
 
         Returns:
             (B, h, T, T_k) float32, exact zeros where not allowed.
@@ -252,18 +254,13 @@ class CausalSelfAttention(nn.Module):
     def additive_scores(
         self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None
     ) -> torch.Tensor:
-        """Bahdanau scores v^T tanh(W_q q + W_k k) for every query/key pair: (B, nh, T, T_k) float32.
-
-        Materialises (B, nh, T, T_k, hs): memory and time grow with T^2 * hs, which is why this
-        variant is for the small configs.
-        """
+        """Bahdanau scores v^T tanh(W_q q + W_k k) for every query/key pair the causal mask lets
+        through: (B, nh, T, T_k) float32, in blocks of queries (`attnlm.additive`); `heads`:
+        which heads q and k hold (default all)."""
         add_q, add_k, add_v = self.add_q, self.add_k, self.add_v
         if heads is not None:
             add_q, add_k, add_v = add_q[heads], add_k[heads], add_v[heads]
-        qa = torch.einsum("bhtd,hde->bhte", q, add_q.to(q.dtype))  # (B, nh, T, hs)
-        ka = torch.einsum("bhtd,hde->bhte", k, add_k.to(k.dtype))  # (B, nh, T_k, hs)
-        hidden = torch.tanh(qa.unsqueeze(3) + ka.unsqueeze(2))  # (B, nh, T, T_k, hs)
-        return torch.einsum("bhtke,he->bhtk", hidden, add_v.to(hidden.dtype)).float()
+        return additive_scores(q, k, add_q, add_k, add_v)
 
 
 class MLP(nn.Module):

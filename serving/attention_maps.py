@@ -143,11 +143,15 @@ def maps_from_qk(
     def probabilities(layer: int, query_rows: list[int] | None) -> torch.Tensor:
         q, k = qk[layer]
         q, k = q[heads].to(dtype), k[heads].to(dtype)  # (h, T, hs)
+        attn = blocks[layer].attn
+        if query_rows is not None and attn.additive:  # its blocks take the queries in order
+            every = attn.probabilities(q[None], k[None], keys <= keys[:, None], subset)[0]
+            return every[:, query_rows]  # (h, R, T)
         positions = keys if query_rows is None else torch.tensor(query_rows, device=device)
         if query_rows is not None:
             q = q[:, query_rows]  # (h, R, hs)
         allowed = keys <= positions[:, None]  # (R, T)
-        return blocks[layer].attn.probabilities(q[None], k[None], allowed, subset)[0]  # (h, R, T)
+        return attn.probabilities(q[None], k[None], allowed, subset)[0]  # (h, R, T)
 
     if aggregation == "rollout":  # every layer up to the last asked, whole maps
         means = [probabilities(i, None).mean(dim=0) for i in range(max(layers) + 1)]

@@ -252,3 +252,25 @@ def test_concurrent_requests_get_their_own_selections(engine):
         want = expected[text][opts.layers][:, opts.heads][..., got.rows, :]
         np.testing.assert_allclose(decoded(got.attention), want, atol=2e-3)
     assert engine._qk_cache.bytes <= engine._qk_cache.max_bytes
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "additive"])
+def test_rows_in_any_order_equal_the_whole_maps_rows(attention):
+    from attnlm.config import GPTConfig
+    from attnlm.model import GPT
+    from serving.attention_maps import maps_from_qk
+
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=16, attention=attention
+    )
+    model = GPT(config).eval()
+    idx = torch.randint(0, 300, (1, 12))
+    kept = {}
+    with torch.no_grad():
+        full = model(idx, return_attention=True).attention[:, 0]  # (L, H, T, T)
+        model(idx, attention_sink=lambda i, q, k: kept.setdefault(i, (q[0], k[0])))
+        qk = [kept[0], kept[1]]
+        rows = [11, 0, 11, 5]
+        got = list(maps_from_qk(model.transformer.h, qk, [1], [1], "none", rows, torch.float32))
+    torch.testing.assert_close(got[0], full[1, [1]][:, rows], atol=1e-5, rtol=1e-5)
