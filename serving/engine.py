@@ -302,9 +302,9 @@ class Engine:
         maps: list[AttentionMap | None],
         where: list[int],
     ) -> None:
-        """One packed SDPA forward over `rows` keeping the q, k of the layers needed (all with
-        the cache on, which keeps them); each text's map computed from its own q, k, into
-        maps[where[j]] for rows[j]."""
+        """One packed SDPA forward over `rows` up to the q, k of the layers needed (all with
+        the cache on, which keeps them; `TextForwards.keep_qk`: no logits); each text's map
+        computed from its own q, k, into maps[where[j]] for rows[j]."""
         L = self.config.n_layer
         if cache is not None:
             layers = list(range(L))
@@ -320,18 +320,16 @@ class Engine:
         def sink(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
             kept[layer] = (q, k)  # (B, H, T, hs) each
 
-        for placements, _ in self._forwards.batches(
-            rows, attention_layers=layers, attention_sink=sink
-        ):
-            for j, r, s in placements:
-                n = len(rows[j])
-                qk = [None] * L
-                for layer, (q, k) in kept.items():
-                    qk[layer] = (q[r, :, s : s + n], k[r, :, s : s + n])  # (H, n, hs)
-                status = None if cache is None else "miss"
-                maps[where[j]] = self._map_from_qk(rows[j], qk, options[j], status)
-                if cache is not None:
-                    cache.put(rows[j], qk)
+        placements = self._forwards.keep_qk(rows, layers, sink)
+        for j, r, s in placements:
+            n = len(rows[j])
+            qk = [None] * L
+            for layer, (q, k) in kept.items():
+                qk[layer] = (q[r, :, s : s + n], k[r, :, s : s + n])  # (H, n, hs)
+            status = None if cache is None else "miss"
+            maps[where[j]] = self._map_from_qk(rows[j], qk, options[j], status)
+            if cache is not None:
+                cache.put(rows[j], qk)
 
     def _map_from_qk(
         self, ids: list[int], qk: list, options: AttentionOptions, cache: str | None
