@@ -148,7 +148,27 @@ class _Strict(BaseModel):
         return _integral(data)
 
 
+def _both(first: str, second: str, first_type: str, second_type: list[str]) -> dict[str, Any]:
+    """A JSON schema that holds when both fields are given, not null."""
+    return {
+        "required": [first, second],
+        "properties": {first: {"type": first_type}, second: {"type": second_type}},
+    }
+
+
 class AttentionOptionsModel(_Strict):
+    # pool goes with neither rows nor top_keys (the engine says so too: a 400 naming pool)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "anyOf": [
+                    _both("pool", "rows", "integer", ["array", "string"]),
+                    _both("pool", "top_keys", "integer", ["integer"]),
+                ]
+            }
+        }
+    )
+
     layers: Indices | None = None  # each < the model's layers (the served schema says how many)
     heads: Indices | None = None
     aggregation: Aggregation = "none"
