@@ -197,6 +197,11 @@ def pooled_from_qk(
         yield pooled.mean(dim=0) if aggregation == "mean" else pooled
 
 
+def stacked(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """The layers' maps along a new first axis (one layer: a view, no copy of its map)."""
+    return per_layer[0][None] if len(per_layer) == 1 else torch.stack(per_layer)
+
+
 def attention_map(
     tokenizer: Tokenizer,
     config: GPTConfig,
@@ -242,9 +247,9 @@ def attention_map(
         layers=list(layers),
         heads=list(heads),
         aggregation=options.aggregation,
-        attention=encode_array(torch.stack(values), options.encoding, options.decimals),
+        attention=encode_array(stacked(values), options.encoding, options.decimals),
         rows=rows,
         pool_block=block,
-        keys=encode_keys(torch.stack(keys), options.encoding) if keys else None,
+        keys=encode_keys(stacked(keys), options.encoding) if keys else None,
         cache=cache,
     )
