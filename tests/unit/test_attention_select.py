@@ -274,3 +274,25 @@ def test_rows_in_any_order_equal_the_whole_maps_rows(attention):
         rows = [11, 0, 11, 5]
         got = list(maps_from_qk(model.transformer.h, qk, [1], [1], "none", rows, torch.float32))
     torch.testing.assert_close(got[0], full[1, [1]][:, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_a_bfloat16_models_cache_hit_equals_its_cold_answer(tmp_path):
+    from attnlm.artifact import save_artifact
+    from attnlm.config import GPTConfig
+    from attnlm.corpus import generate_corpus
+    from attnlm.model import GPT
+    from attnlm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(generate_corpus(2000, seed=0), vocab_size=300)
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32
+    )
+    folder = save_artifact(GPT(config), tokenizer, tmp_path / "tiny")
+    engine = Engine(folder, device="cpu", dtype="bfloat16")
+    options = AttentionOptions(decimals=8)
+    (cold,), (hit,) = engine.attention([LONG], options), engine.attention([LONG], options)
+    assert (cold.cache, hit.cache) == ("miss", "hit")
+    np.testing.assert_array_equal(
+        decoded(hit.attention), decoded(cold.attention)
+    )  # bf16 -> f16: exact
