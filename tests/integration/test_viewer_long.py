@@ -9,8 +9,9 @@ times a hover over a late token, and POSTs what it measured to the test server. 
 real time (no virtual-time budget, which would not count network waits): the harness holds the
 page's load event until it is done (tests/integration/test_viewer_browser.py `_serve`).
 `ATTNLM_VIEWER_SCREENSHOT=PATH` also writes the screenshot of the long text there (docs/img).
-On a machine loaded past 3 runnable processes per core (the shared 2-core box with other jobs)
-the timings are only held to 2 s and the test then skips, saying what it measured.
+When both runs are slower than that on a machine loaded past 3 runnable processes per core (the
+shared 2-core box with other jobs), the timings are only held to 2 s and the test skips, saying
+what it measured.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.integration.browser import dump_dom, parse_html, require_chromium, sc
 from tests.integration.test_viewer_browser import _read_png, _serve
 
 SWITCH_LIMIT_MS = 200
-OVERLOADED = 3.0  # load average per core past which the 200 ms bound is not asserted (skip)
+OVERLOADED = 3.0  # load average per core past which a slow run skips instead of failing
 WINDOW = (1280, 1000)
 # layer/head switches the harness makes, in order: thumbnails (layer, head), then the selectors
 CLICKS = [(1, 2), (3, 0), (2, 3), (0, 1), (1, 2)]
@@ -152,7 +153,8 @@ def test_switching_heads_of_a_long_text_draws_within_200_ms(engine, tmp_path):
     scroll_height, client_height = best["strip"]
     assert client_height <= 260 < scroll_height, "the token strip scrolls"
     load = os.getloadavg()[0] / (os.cpu_count() or 1)
-    if load > OVERLOADED:  # every torch op and paint waits for a core: only a loose bound
+    slow = max(best["switchMs"]) >= SWITCH_LIMIT_MS or max(best["hoverMs"]) >= 150
+    if slow and load > OVERLOADED:  # every torch op and paint waits for a core: a loose bound
         assert max(best["switchMs"]) < 10 * SWITCH_LIMIT_MS, f"click to drawn (ms): {runs}"
         pytest.skip(f"{load:.1f} runnable processes per core: timings not held to 200 ms: {runs}")
     assert max(best["switchMs"]) < SWITCH_LIMIT_MS, f"click to drawn (ms): {runs}"
