@@ -41,13 +41,13 @@ from serving.http import (
     ActiveRequests,
     BodyLimit,
     ErrorGuard,
-    dumps,
     error_response,
     error_type,
     install_error_handlers,
     internal_error_body,
     logger,
     request_id,
+    sse_event,
 )
 from serving.metrics import ServerMetrics
 from serving.openapi import (
@@ -134,7 +134,7 @@ def _error_event(err: Exception) -> str:
         rid = request_id()
         logger.exception("stream of request %s failed with an unexpected error", rid)
         body = internal_error_body(rid)
-    return f"data: {dumps(body).decode()}\n\n"
+    return sse_event(body)
 
 
 def _replica_name() -> str:
@@ -572,7 +572,7 @@ class AttnLMServer:
                     "model": self.engine.model_name,
                     "choices": [choice],
                 }
-                yield f"data: {dumps(chunk).decode()}\n\n"
+                yield sse_event(chunk)
         self.metrics.generated(generated)
         yield "data: [DONE]\n\n"
 
