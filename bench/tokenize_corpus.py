@@ -8,8 +8,9 @@ measures, in the same run:
 - the raw `Tokenizer.encode_batch` throughput of the same tokenizer on the first
   `--raw-mb` MB of the file's lines, read into memory first (no I/O, no writing): the
   reference the pipeline is held to (>= 0.7x);
-- peak RSS growth of this process and its children during the build (sampled every 50 ms,
-  total RSS, file-backed pages included) over the RSS before it;
+- peak memory growth of this process and its children during the build (the sum of their
+  proportional set sizes, file-backed pages included, sampled every 100 ms) over the value
+  before it: for one process, its RSS;
 - a second `prepare_data` with the same settings: the cache reused (seconds);
 - optionally (`--num-proc 2`) the same build with worker processes, in another cache folder.
 
@@ -73,9 +74,11 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
 
 
 class PeakRSS:
-    """Peak RSS of this process plus its children, sampled by a thread."""
+    """Peak memory of this process plus its children, sampled by a thread: the sum of their
+    proportional set sizes (Pss: a page shared by n processes, as forked workers share their
+    parent's, counts 1/n in each), which for one process is its RSS."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
@@ -90,8 +93,8 @@ class PeakRSS:
                 pids += [int(p) for p in (task / "children").read_text().split()]
         for pid in pids:
             with contextlib.suppress(OSError, ValueError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1]) * 1024
         return total
 

@@ -223,10 +223,11 @@ def initial_weights(folder: str, config: GPTConfig) -> dict[str, torch.Tensor]:
             f"model.init_from {folder}: the model does not fit it: {'; '.join(wrong)}"
         )
     state = artifact.model.state_dict()
-    if config.block_size < theirs.block_size:  # the first positions (nanoGPT's crop_block_size)
-        for name in ("transformer.wpe.weight",):
-            if name in state:
-                state[name] = state[name][: config.block_size].clone()
+    positions = "transformer.wpe.weight"  # learned positions: the Transformer's, not the LSTM's
+    if config.block_size < theirs.block_size and positions in state:
+        state[positions] = state[positions][
+            : config.block_size
+        ].clone()  # nanoGPT's crop_block_size
     return state
 
 

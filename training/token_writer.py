@@ -15,7 +15,7 @@
 - `tokenize_to_files`: every chunk encoded with `Tokenizer.encode_batch`, EOT after each
   document, appended to `<split>.bin` as it comes. In this process (the tokenizer's own threads
   encode a chunk in parallel while a reader thread prepares the next), or with `num_proc`
-  worker processes (one encoding thread each; chunks written back in order). A progress bar in
+  worker processes (forked; one encoding thread each; chunks written back in order). A progress bar in
   bytes shows MB/s; the counts come back with the seconds and MB/s of the pass.
 
 Memory stays bounded by a few chunks in flight, whatever the corpus size: nothing holds more
@@ -385,10 +385,24 @@ def _encoded(
         for unit, nbytes in _prefetched(units):
             yield _encode_unit(tokenizer, unit, dtype), nbytes
         return
-    ctx = mp.get_context("spawn")  # no fork of a process whose tokenizer threads have run
-    with ctx.Pool(
-        num_proc, initializer=_init_worker, initargs=(tokenizer.to_json_str(), dtype.name)
-    ) as pool:
+    # fork: a spawned worker would import the main module again (under `attnlm fit`: torch and
+    # Lightning, ~0.5 GB and seconds each). The workers encode on one thread each; set before the
+    # fork, TOKENIZERS_PARALLELISM=false also keeps tokenizers from warning about forking after
+    # its threads ran (this process's setting is put back at once).
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ctx.Pool(
+            num_proc, initializer=_init_worker, initargs=(tokenizer.to_json_str(), dtype.name)
+        )
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
         pending: deque = deque()
         for unit, nbytes in units:
             pending.append((pool.apply_async(_work, (unit,)), nbytes))
