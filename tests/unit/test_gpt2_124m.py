@@ -96,3 +96,24 @@ def test_a_fused_adamw_has_its_gradients_clipped_as_they_are():
     lm.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in lm.parameters()]))
     assert norm.item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_global_batch_sets_accumulation_per_device_count_and_refuses_a_second_setting():
+    from types import SimpleNamespace
+
+    from attnlm.config import ConfigError
+    from training.callbacks import GlobalBatch
+
+    data = SimpleNamespace(settings=SimpleNamespace(batch_size=16), block_size=1024)
+    for devices, accumulate in ((1, 32), (8, 4), (3, 11)):
+        trainer = SimpleNamespace(
+            datamodule=data, world_size=devices, accumulate_grad_batches=1, val_check_interval=1.0
+        )
+        GlobalBatch(tokens=2**19, val_every_steps=250).setup(trainer, None, "fit")
+        assert trainer.accumulate_grad_batches == accumulate
+        assert trainer.val_check_interval == 250 * accumulate  # batches: optimizer steps x accum.
+    trainer.accumulate_grad_batches = 2
+    with pytest.raises(ConfigError, match="give one of them"):
+        GlobalBatch(tokens=2**19).setup(trainer, None, "fit")
+    with pytest.raises(ConfigError, match="global_batch.tokens: must be an int >= 1"):
+        GlobalBatch(tokens=0)
