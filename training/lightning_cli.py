@@ -87,8 +87,8 @@ def resolve_model_shape(config: Namespace) -> None:
     data.vocab_size) are the folder's.
 
     Raises:
-        ConfigError: a value given contradicts the folder (every one named, in one message).
-        ArtifactError: the folder is not a model folder attnlm reads.
+        ConfigError: a value given contradicts the folder (every one named, in one message), or
+            the folder is not a model folder attnlm reads.
     """
     model, data = config["model"], config["data"]
     folder = model.get("init_from")
@@ -99,7 +99,10 @@ def resolve_model_shape(config: Namespace) -> None:
         if data["vocab_size"] is None:
             data["vocab_size"] = DEFAULT_VOCAB_SIZE
         return
-    theirs, tokenizer_file, vocab_size = read_model_folder(folder)
+    try:
+        theirs, tokenizer_file, vocab_size = read_model_folder(folder)
+    except ArtifactError as err:
+        raise ConfigError(f"model.init_from: {err}") from err
     wrong = []
     for name in SHAPE_FIELDS:
         given, value = model[name], getattr(theirs, name)
