@@ -103,7 +103,7 @@ class DecodeBatch:
         if n > len(self._free):
             raise ValueError(f"{n} rows; the batch has {len(self._free)} free slots")
         self._free.sort()  # lowest slots first: the decoded rows stay few
-        sampling = SamplingState(params, n, budget, prompt.device)
+        sampling = SamplingState(params, n, budget, prompt.device, prompt)
         request = DecodeRequest(self._free[:n], sampling, T, prompt.device)
         request.logits = self._cut(self.decoder.prefill(prompt, request.slot_index))  # (n, V)
         del self._free[:n]

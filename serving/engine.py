@@ -31,7 +31,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,11 +42,18 @@ from attnlm.batching import DecodeBatch
 from attnlm.fastdecode import preferred_dtype, weight_bytes
 from attnlm.generate import SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
+from serving.attention_cache import QKCache
 from serving.attention_maps import attention_map, check_attention_options
+from serving.attention_select import check_answer_size
+from serving.chat import ChatTemplate, no_chat_template
 from serving.decoder import DecodeBatcher, DecodeModel
 from serving.detok import Row, join_logprobs, logprobs_dict, prompt_logprobs, token_records
 from serving.forwards import TextForwards
-from serving.limits import DEFAULT_TOP_K
+from serving.limits import (
+    DEFAULT_ATTENTION_CACHE_BYTES,
+    DEFAULT_MAX_ATTENTION_BYTES,
+    DEFAULT_TOP_K,
+)
 from serving.params import (
     AttentionMap,
     AttentionOptions,
@@ -58,11 +65,18 @@ from serving.params import (
     EngineError,
     NextToken,
     ProbeResult,
+    conflict,
     invalid,
     is_int,
 )
 from serving.sentence_probe import probe_sentence
-from serving.text import check_text, check_token_ids, context_exceeded, max_text_chars
+from serving.text import (
+    check_text,
+    check_token_ids,
+    context_exceeded,
+    max_text_chars,
+    unicode_error,
+)
 
 DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions decode in
 # decode steps a non-streamed completion's thread takes at once (one wake-up each); a stop string
@@ -83,6 +97,31 @@ class _Run:
     attention_rows: list[torch.Tensor] = field(default_factory=list)  # (L, n, H, 1, T + i + 1)
 
 
+def sampling_params(params: CompletionParams, stop_token_ids: Sequence[int]) -> SamplingParams:
+    """The decoder's SamplingParams of a completion's (rows end on `stop_token_ids`)."""
+    return SamplingParams(
+        max_new_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        stop_token_ids=tuple(stop_token_ids),
+        seed=params.seed,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=params.logit_bias,
+        min_tokens=params.min_tokens,
+    )
+
+
+def best_rows(rows: list[Row], n: int) -> list[Row]:
+    """The n rows of best mean logprob over their sampled tokens (best_of), best first; all rows,
+    in order, when there are n."""
+    if len(rows) == n:
+        return rows
+    return sorted(rows, key=lambda r: -r.logprob_sum / max(len(r.generated), 1))[:n]
+
+
 # -- the engine ------------------------------------------------------------------------------------------
 class Engine:
     """An exported artifact on one device, answering the API's model questions."""
@@ -94,6 +133,8 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         max_tokens_limit: int | None = None,
         compile: bool = False,
+        attention_cache_bytes: int = DEFAULT_ATTENTION_CACHE_BYTES,
+        max_attention_bytes: int = DEFAULT_MAX_ATTENTION_BYTES,
     ) -> None:
         """Load `artifact` (an `attnlm export` folder); ArtifactError propagates.
 
@@ -105,6 +146,7 @@ class Engine:
             max_tokens_limit: the largest `max_tokens` a completion may ask; default the context.
             compile: compile the decode step completions share (`attnlm.fastdecode`: inductor
                 on CPU, CUDA graphs on CUDA), warmed up here; eager, logged, where it cannot.
+            attention_cache_bytes, max_attention_bytes: see `configure_attention`.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -125,6 +167,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.info = loaded.info
+        self.artifact_path = loaded.path
+        self.chat_template = ChatTemplate.of(loaded.path)  # None: chat completions are a 404
         self.model_name = Path(artifact).resolve().name
         self.max_context = self.config.block_size
         self._max_text_chars = max_text_chars(self.tokenizer, self.max_context)
@@ -136,12 +180,29 @@ class Engine:
         if not is_int(max_tokens_limit) or max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
         self.max_tokens_limit = max_tokens_limit
+        self._qk_cache = QKCache(0)
+        self.configure_attention(attention_cache_bytes, max_attention_bytes)
         self._lock = threading.Lock()  # held by KV-cache forwards (see DecodeModel)
         # completions without attention maps decode together across requests; an LSTM cannot
         self._batcher = None
         if self.model.has_attention:
             batch = DecodeBatch(self.model, DECODE_SLOTS, compile, self.tokenizer.vocab_size)
             self._batcher = DecodeBatcher(batch, self._lock)
+
+    def configure_attention(self, cache_bytes: int, max_answer_bytes: int) -> None:
+        """The bytes of recent texts' q and k kept for their next attention request (float16,
+        least recently used out; 0: none kept, `serving.attention_cache`) and the most bytes one
+        attention answer may carry (over it: a 400 `answer_too_large`); ValueError if bad."""
+        if (
+            isinstance(max_answer_bytes, bool)
+            or not is_int(max_answer_bytes)
+            or max_answer_bytes < 1
+        ):
+            raise ValueError(
+                f"max_attention_bytes must be an integer >= 1, got {max_answer_bytes!r}"
+            )
+        self._qk_cache.resize(cache_bytes)
+        self.max_attention_bytes = max_answer_bytes
 
     # -- validation ---------------------------------------------------------------------------------
     def encode(self, text: str | list[int], param: str = "text") -> list[int]:
@@ -159,10 +220,44 @@ class Engine:
             )
         return ids
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of any text (`POST /tokenize`: also over the context window)."""
+        if unicode_error(text) is not None:
+            raise invalid(unicode_error(text), "prompt")
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (`POST /detokenize`), each checked against the vocabulary."""
+        if not ids:
+            return ""
+        return self.tokenizer.decode(check_token_ids(ids, self.tokenizer.vocab_size, "tokens"))
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt of chat messages through the folder's chat template; a 404
+        `chat_template_missing` without one."""
+        if self.chat_template is None:
+            raise no_chat_template(self.model_name)
+        return self.chat_template.render(messages)
+
     def check_attention_options(self, options: AttentionOptions) -> None:
         """EngineError for options this model cannot answer: code "attention_unavailable"
         without attention maps, "out_of_range" for a layer or head it does not have."""
         check_attention_options(self.config, options, self.model_name)
+
+    def check_attention_request(self, text: str, options: AttentionOptions) -> list[int]:
+        """The text's token ids, after every check an attention request gets before its forward:
+        the options (`check_attention_options`), the text, the answer's size for its length."""
+        self.check_attention_options(options)
+        ids = self.encode(text)
+        check_answer_size(
+            options,
+            len(ids),
+            self.config.n_layer,
+            self.config.n_head,
+            self.max_attention_bytes,
+            "text",
+        )
+        return ids
 
     def check_top_k(self, top_k: int) -> None:
         """EngineError unless 1 <= top_k <= the tokenizer's vocabulary (next-token alternatives)."""
@@ -173,15 +268,28 @@ class Engine:
     def _check_completion(self, prompt: str | list[int], params: CompletionParams) -> list[int]:
         if not isinstance(params, CompletionParams):
             raise TypeError(f"params must be CompletionParams, got {type(params).__name__}")
+        vocab = self.tokenizer.vocab_size
+        outside = [i for i in params.logit_bias if i >= vocab]
+        if outside:
+            raise invalid(
+                f"logit_bias: token id {outside[0]} is not in the vocabulary (ids 0..{vocab - 1})",
+                "logit_bias",
+            )
         if params.max_tokens > self.max_tokens_limit:
             raise EngineError(
                 f"max_tokens must be at most {self.max_tokens_limit}, got {params.max_tokens}",
                 param="max_tokens",
                 code="invalid_value",
             )
+        ids = self.encode(prompt, param="prompt")
         if params.attention is not None:
             self.check_attention_options(params.attention)
-        return self.encode(prompt, param="prompt")
+            longest = min(len(ids) + params.max_tokens, self.max_context)
+            config, limit = self.config, self.max_attention_bytes
+            check_answer_size(
+                params.attention, longest, config.n_layer, config.n_head, limit, "return_attention"
+            )
+        return ids
 
     # -- one-forward endpoints ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -219,7 +327,9 @@ class Engine:
         texts: Sequence[str | AttentionQuery],
         options: Sequence[AttentionOptions] | AttentionOptions | None = None,
     ) -> list[AttentionMap]:
-        """Attention maps of texts from batched forwards (length buckets).
+        """Attention maps of texts: another selection of a text in the q/k cache is computed
+        from its kept q, k; the others from one packed SDPA forward that keeps q and k
+        (`serving.attention_maps`: only the layers, heads and rows asked for are computed).
 
         Args:
             texts: strings, or AttentionQuery (text + options; then `options` is left out).
@@ -234,24 +344,70 @@ class Engine:
         for i, text in enumerate(texts):
             if isinstance(text, AttentionQuery):
                 texts[i], options[i] = text.text, text.options
-        for opts in options:
-            self.check_attention_options(opts)
-        rows = [self.encode(text) for text in texts]
-        if not rows:
-            return []
+        rows = [self.check_attention_request(t, o) for t, o in zip(texts, options, strict=True)]
         maps: list[AttentionMap | None] = [None] * len(rows)
-        for placements, out in self._forwards.batches(rows, return_attention=True):
-            att = out.attention  # (L, rows, H, T, T)
-            for i, r, s in placements:
-                n = len(rows[i])
-                maps[i] = attention_map(
-                    self.tokenizer,
-                    self.config,
-                    rows[i],
-                    att[:, r, :, s : s + n, s : s + n],
-                    options[i],
-                )
+        cache = self._qk_cache if self._qk_cache.enabled else None
+        for i, ids in enumerate(rows):  # another selection of a recent text: no forward
+            entry = cache.get(ids) if cache is not None else None
+            if entry is not None:
+                maps[i] = self._map_from_qk(ids, entry, options[i], "hit")
+        missing = [i for i, m in enumerate(maps) if m is None]
+        if missing:
+            self._attention_forward(
+                [rows[i] for i in missing], [options[i] for i in missing], cache, maps, missing
+            )
         return maps
+
+    def _attention_forward(
+        self,
+        rows: list[list[int]],
+        options: list[AttentionOptions],
+        cache: QKCache | None,
+        maps: list[AttentionMap | None],
+        where: list[int],
+    ) -> None:
+        """One packed SDPA forward over `rows` up to the q, k of the layers needed (all with
+        the cache on, which keeps them; `TextForwards.keep_qk`: no logits); each text's map
+        computed from its own q, k, into maps[where[j]] for rows[j]."""
+        L = self.config.n_layer
+        if cache is not None:
+            layers = list(range(L))
+        else:
+            needed = set()
+            for opts in options:
+                chosen = range(L) if opts.layers is None else opts.layers
+                top = max(chosen) + 1 if opts.aggregation == "rollout" else 0
+                needed.update(chosen, range(top))
+            layers = sorted(needed)
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def sink(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+            kept[layer] = (q, k)  # (B, H, T, hs) each
+
+        placements = self._forwards.keep_qk(rows, layers, sink)
+        for j, r, s in placements:
+            n = len(rows[j])
+            qk = [None] * L
+            for layer, (q, k) in kept.items():
+                qk[layer] = (q[r, :, s : s + n], k[r, :, s : s + n])  # (H, n, hs)
+            status = None if cache is None else "miss"
+            maps[where[j]] = self._map_from_qk(rows[j], qk, options[j], status)
+            if cache is not None:
+                cache.put(rows[j], qk)
+
+    def _map_from_qk(
+        self, ids: list[int], qk: list, options: AttentionOptions, cache: str | None
+    ) -> AttentionMap:
+        return attention_map(
+            self.tokenizer,
+            self.config,
+            ids,
+            options,
+            qk=qk,
+            blocks=self.model.transformer.h,
+            dtype=self.dtype,
+            cache=cache,
+        )
 
     # -- probe -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -274,7 +430,7 @@ class Engine:
         base = len(prompt) if params.echo else 0
         echo_logprobs = self._prompt_logprobs(run)
         choices = []
-        for index, row in enumerate(run.rows):
+        for index, row in enumerate(best_rows(run.rows, params.n)):
             text, records, offsets = row.take()
             logprobs = None
             if params.logprobs is not None:
@@ -286,7 +442,7 @@ class Engine:
                 logprobs=logprobs,
             )
             if params.attention is not None:
-                attention = asdict(self._row_attention(run, index))
+                attention = self._row_attention(run, index).body()
                 choice.tokens, choice.attention = attention["tokens"], attention
             choices.append(choice)
         return Completion(
@@ -301,7 +457,9 @@ class Engine:
         """`complete` one delta at a time: per step and choice, the text that became final (an
         incomplete UTF-8 character or a possible start of a stop string is held back); each
         choice's last delta has its finish_reason (and, with attention, its map). The parameters
-        are checked here, before the first delta is asked for."""
+        are checked here, before the first delta is asked for (best_of > 1 cannot stream)."""
+        if params.best_of is not None and params.best_of > 1:
+            raise conflict("best_of > 1 cannot be streamed (as in OpenAI's API)", "best_of")
         run = self._start(prompt, params)
         return self._deltas(run)
 
@@ -336,7 +494,7 @@ class Engine:
         if row.finish_reason is not None:
             row.closed = True
             if run.params.attention is not None:
-                attention = asdict(self._row_attention(run, index))
+                attention = self._row_attention(run, index).body()
                 delta.tokens, delta.attention = attention["tokens"], attention
         return delta
 
@@ -344,22 +502,23 @@ class Engine:
         prompt_ids = self._check_completion(prompt, params)
         if not isinstance(prompt, str):  # token ids: echo writes their text
             prompt = self.tokenizer.decode(prompt_ids)
-        rows = [Row(self.tokenizer, params.stop, self.tokenizer.eot_id) for _ in range(params.n)]
+        rows = [
+            Row(self.tokenizer, params.stop, self.tokenizer.eot_id, params.min_tokens)
+            for _ in range(params.candidates)
+        ]
         return _Run(prompt, prompt_ids, params, rows)
 
     def _steps(self, run: _Run, chunk: int = 1) -> Iterator[None]:
         """Decode until every row has finished; yields after each step (batched decoding hands
         the steps over `chunk` at a time)."""
         params = run.params
-        sampling = SamplingParams(
-            max_new_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            stop_token_ids=(self.tokenizer.eot_id,),
-            seed=params.seed,
-        )
-        prompt = torch.tensor([run.prompt_ids] * params.n, device=self.device)  # (n, T)
+        if params.max_tokens == 0:  # echo only: the prompt's scores, nothing decoded
+            for row in run.rows:
+                row.finish_reason = "length"
+            return
+        sampling = sampling_params(params, (self.tokenizer.eot_id,))
+        rows = params.candidates
+        prompt = torch.tensor([run.prompt_ids] * rows, device=self.device)  # (rows, T)
         if params.attention is None and self._batcher is not None:
             steps = self._batcher.stream(prompt, sampling, chunk)
         else:  # the map needs each step's attention rows: this request decodes alone
@@ -373,9 +532,16 @@ class Engine:
                 records = token_records(self.tokenizer, step.tokens, step.logits, params.logprobs)
                 if step.attention is not None:
                     run.attention_rows.append(step.attention)
-                for row, token, record in zip(run.rows, tokens, records, strict=True):
+                scores = [0.0] * rows
+                if rows > params.n:  # best_of: each row's mean logprob ranks it
+                    logprobs = F.log_softmax(step.logits.float(), dim=-1)  # (rows, V)
+                    scores = logprobs.gather(1, step.tokens[:, None])[:, 0].tolist()
+                for row, token, record, score in zip(
+                    run.rows, tokens, records, scores, strict=True
+                ):
                     if row.finish_reason is None:
                         row.add(token, record)
+                        row.logprob_sum += score
                 yield
                 if all(row.finish_reason is not None for row in run.rows):
                     break
@@ -409,4 +575,4 @@ class Engine:
             )[:, 0]  # (L, H, T + g, T + g)
         else:  # the prompt filled the context: nothing was decoded
             full = self._forwards.padded([ids], return_attention=True).attention[:, 0]
-        return attention_map(self.tokenizer, self.config, ids, full, run.params.attention)
+        return attention_map(self.tokenizer, self.config, ids, run.params.attention, att=full)
