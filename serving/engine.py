@@ -27,6 +27,7 @@ vocabulary is the tokenizer's (`load_artifact` crops a padded folder's extra row
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attnlm import invariance
 from attnlm.artifact import load_artifact
 from attnlm.batching import DecodeBatch
 from attnlm.fastdecode import preferred_dtype
@@ -68,6 +70,7 @@ DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions dec
 # decode steps a non-streamed completion's thread takes at once (one wake-up each); a stop string
 # is seen at most this many steps late, which are decoded in vain
 COMPLETION_CHUNK = 16
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,6 +97,7 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         max_tokens_limit: int | None = None,
         compile: bool = False,
+        batch_invariant: bool = False,
     ) -> None:
         """Load `artifact` (an `attnlm export` folder); ArtifactError propagates.
 
@@ -105,6 +109,11 @@ class Engine:
             max_tokens_limit: the largest `max_tokens` a completion may ask; default the context.
             compile: compile the decode step completions share (`attnlm.fastdecode`: inductor
                 on CPU, CUDA graphs on CUDA), warmed up here; eager, logged, where it cannot.
+            batch_invariant: a request's numbers do not depend on what else is batched with
+                it (`attnlm.invariance`; slower): the model's batch-invariant attention, length
+                buckets instead of packed rows, decode steps of fixed minimum shapes; checked
+                here on the model's weights (`invariance_problem`, logged, says what failed).
+                Transformers only.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -119,6 +128,13 @@ class Engine:
         self.dtype = dtype
         loaded = load_artifact(artifact, device=self.device, dtype=dtype)
         self.model = loaded.model.eval()
+        if batch_invariant and not self.model.has_attention:
+            raise ValueError(
+                f"batch_invariant needs a Transformer; {artifact} holds an "
+                f"{loaded.config.arch.upper()}"
+            )
+        if batch_invariant:
+            self.model.set_batch_invariant(True)
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.info = loaded.info
@@ -126,7 +142,7 @@ class Engine:
         self.max_context = self.config.block_size
         self._max_text_chars = max_text_chars(self.tokenizer, self.max_context)
         self._forwards = TextForwards(
-            self.model, self.tokenizer.vocab_size, self.max_context, self.device
+            self.model, self.tokenizer.vocab_size, self.max_context, self.device, batch_invariant
         )
         if max_tokens_limit is None:
             max_tokens_limit = self.max_context
@@ -139,6 +155,11 @@ class Engine:
         if self.model.has_attention:
             batch = DecodeBatch(self.model, DECODE_SLOTS, compile, self.tokenizer.vocab_size)
             self._batcher = DecodeBatcher(batch, self._lock)
+        self.invariance_problem = None  # what the start-up check found (batch_invariant)
+        if batch_invariant:
+            self.invariance_problem = invariance.check(self.model, batch)
+            if self.invariance_problem is not None:
+                log.warning("batch_invariant does not hold here: %s", self.invariance_problem)
 
     # -- validation ---------------------------------------------------------------------------------
     def encode(self, text: str | list[int], param: str = "text") -> list[int]:

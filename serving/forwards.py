@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from attnlm.invariance import padded_length
 from attnlm.lstm import LSTMLM
 from attnlm.model import GPT, GPTOutput
 
@@ -59,16 +60,25 @@ class TextForwards:
     """The model's forwards over token rows of whole texts, on one device."""
 
     def __init__(
-        self, model: GPT | LSTMLM, vocab_size: int, max_context: int, device: torch.device
+        self,
+        model: GPT | LSTMLM,
+        vocab_size: int,
+        max_context: int,
+        device: torch.device,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.vocab_size = vocab_size  # the tokenizer's: logits past it are cut off
         self.max_context = max_context
         self.device = device
+        self.batch_invariant = batch_invariant  # length buckets padded as `attnlm.invariance`
 
     def padded(self, rows: list[list[int]], return_attention: bool = False) -> GPTOutput:
         """One forward over right-padded rows; logits cut to the tokenizer's vocabulary."""
-        idx = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)  # (B, T)
+        width = max(len(r) for r in rows)
+        if self.batch_invariant:  # at least MIN_TOKENS positions, whatever the rows
+            width = padded_length(width, self.max_context)
+        idx = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
         for b, ids in enumerate(rows):
             idx[b, : len(ids)] = torch.tensor(ids)
         out = self.model(idx.to(self.device), return_attention=return_attention)
@@ -84,10 +94,12 @@ class TextForwards:
         positions and attending only to itself (`segments`), so one forward of nearly no padding
         serves them all (texts of 4 to 27 tokens: 1.5x faster than length buckets). A model
         without attention (the LSTM) cannot: rows sorted by length are cut into buckets whose
-        right padding stays under `MAX_PADDING` of their tokens.
+        right padding stays under `MAX_PADDING` of their tokens. So does a batch-invariant model
+        (`attnlm.invariance`), each bucket at least `MIN_TOKENS` wide: a text's own positions and
+        keys are then the same, its padding aside, whatever the other texts are.
         """
         lengths = [len(r) for r in rows]
-        if not self.model.has_attention:
+        if not self.model.has_attention or self.batch_invariant:
             for bucket in length_buckets(lengths, MAX_PADDING):
                 placements = [(i, b, 0) for b, i in enumerate(bucket)]
                 yield placements, self.padded([rows[i] for i in bucket], return_attention)
