@@ -181,3 +181,9 @@ def test_an_lstm_artifact_is_refused_one_line(tmp_path):
     path = save_artifact(build_model(config), tokenizer, tmp_path / "lstm")
     with pytest.raises(ValueError, match="batch_invariant needs a Transformer"):
         Engine(path, device="cpu", batch_invariant=True)
+
+
+def test_the_invariant_decode_step_runs_eager_even_when_compile_is_asked(artifact):
+    engine = Engine(artifact, device="cpu", compile=True, batch_invariant=True)
+    assert engine._batcher._batch.decoder.mode == "eager"
+    assert engine.invariance_problem is None
