@@ -147,8 +147,11 @@ def blocked_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     keys added in key order, so that a key's contribution does not depend on how many keys
     follow it (one fp32 GEMM over all the keys reblocks its sum past ~200 of them). One query
     per row (T == 1) sums weight x value per key in float32 instead of a matrix-vector product,
-    whose kernel follows the key count."""
+    whose kernel follows the key count; compiled, in one sum over every key (inductor's loop adds
+    them in order; a loop over blocks would make the graph recompile for each key span)."""
     one_query = weights.size(-2) == 1
+    if one_query and torch.compiler.is_compiling():  # inductor's own loop sums keys in order
+        return (weights.float().unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(v.dtype)
     weights = weights.float() if one_query else weights.to(v.dtype)
     y = None
     for start in range(0, v.size(-2), KEY_BLOCK):

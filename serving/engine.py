@@ -113,7 +113,7 @@ class Engine:
                 it (`attnlm.invariance`; slower): the model's batch-invariant attention, length
                 buckets instead of packed rows, decode steps of fixed minimum shapes; checked
                 here on the model's weights (`invariance_problem`, logged, says what failed).
-                Transformers only; the decode step then runs eager, whatever `compile` says.
+                Transformers only.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -153,9 +153,6 @@ class Engine:
         # completions without attention maps decode together across requests; an LSTM cannot
         self._batcher = None
         if self.model.has_attention:
-            if compile and batch_invariant:  # its blocked sums would recompile per key span
-                log.info("batch_invariant: the decode step runs eager, not compiled")
-            compile = compile and not batch_invariant
             batch = DecodeBatch(self.model, DECODE_SLOTS, compile, self.tokenizer.vocab_size)
             self._batcher = DecodeBatcher(batch, self._lock)
         self.invariance_problem = None  # what the start-up check found (batch_invariant)

@@ -131,6 +131,20 @@ def completion_record(completion) -> list:
 
 
 def test_seeded_completions_are_the_same_alone_and_among_31_others(engine):
+    assert_completions_alone_equal_crowded(engine)
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_is_batch_invariant_too(artifact):
+    """configs/serve.yaml compiles the decode step: inductor's graph, fp32 (~20-50 s; the
+    engine's start-up check covers it in every replica)."""
+    engine = Engine(artifact, device="cpu", compile=True, batch_invariant=True)
+    assert engine._batcher._batch.decoder.mode == "inductor"
+    assert engine.invariance_problem is None
+    assert_completions_alone_equal_crowded(engine)
+
+
+def assert_completions_alone_equal_crowded(engine: Engine) -> None:
     cases = [
         ("The cats near the dog", CompletionParams(max_tokens=24, temperature=0.9, seed=7, n=2)),
         ("A dog", CompletionParams(max_tokens=20, temperature=0.9, seed=3, logprobs=3)),
@@ -181,9 +195,3 @@ def test_an_lstm_artifact_is_refused_one_line(tmp_path):
     path = save_artifact(build_model(config), tokenizer, tmp_path / "lstm")
     with pytest.raises(ValueError, match="batch_invariant needs a Transformer"):
         Engine(path, device="cpu", batch_invariant=True)
-
-
-def test_the_invariant_decode_step_runs_eager_even_when_compile_is_asked(artifact):
-    engine = Engine(artifact, device="cpu", compile=True, batch_invariant=True)
-    assert engine._batcher._batch.decoder.mode == "eager"
-    assert engine.invariance_problem is None
