@@ -126,6 +126,23 @@ def test_attention_maps_are_the_same_alone_and_among_others(engine, aggregation,
             assert np.array_equal(decoded(a), decoded(b))
 
 
+def test_one_torch_thread_gives_the_bits_of_two(engine):
+    """A Ray replica runs one thread (num_cpus 1), a process elsewhere more: replicas agree."""
+    params = CompletionParams(max_tokens=16, temperature=0.9, seed=5, logprobs=2)
+    answers = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            top = [r.top for r in engine.next_token(TEXTS, top_k=5)]
+            full = AttentionOptions(decimals=MAX_DECIMALS)
+            maps = [m.attention["data"].tolist() for m in engine.attention(TEXTS[:4], full)]
+            answers.append((top, maps, completion_record(engine.complete(TEXTS[3], params))))
+    finally:
+        torch.set_num_threads(threads)
+    assert answers[0] == answers[1]
+
+
 def completion_record(completion) -> list:
     return [(c.text, c.finish_reason, c.logprobs) for c in completion.choices]
 
