@@ -6,9 +6,11 @@ summed over fixed blocks of keys and one query's scores summed per key (`attnlm.
 
 - every forward holds >= `MIN_TOKENS` rows of tokens: a linear layer's GEMM gives a row other
   bits when it multiplies fewer rows (fp32: below 12, bf16: one), and an attention over fewer
-  than 16 keys other bits than over 16 or more. A text forward pads each text to at least
-  `MIN_TOKENS` positions; then its numbers are the same however far it is padded and however
-  many texts share the forward (`serving.forwards`: length buckets, no packing);
+  than 16 keys other bits than over 16 or more. A text forward pads each text to the next
+  multiple of `MIN_TOKENS` positions (`padded_length`) and runs the texts of one padded length
+  together (`serving.forwards`, no packing): a text's shapes are its own, only the number of
+  rows beside it changes (the explicit path gives the same bits however far a text is padded,
+  too: tested);
 - the decode step runs >= `MIN_TOKENS` rows and a multiple of `KEY_ALIGN` keys
   (`decode_shape`): the rows and keys of the other requests in flight change nothing else.
 
@@ -36,9 +38,10 @@ KEY_ALIGN = 16  # a batch-invariant decode step attends over a multiple of this 
 
 
 def padded_length(length: int, max_context: int) -> int:
-    """Positions a text of `length` tokens is padded to in a batch-invariant text forward (at
-    least `MIN_TOKENS`, within the context)."""
-    return min(max(length, MIN_TOKENS), max_context)
+    """Positions a text of `length` tokens is padded to in a batch-invariant text forward: the
+    next multiple of `MIN_TOKENS`, within the context. Texts of one padded length share a
+    forward (fewer forwards than length buckets, the same shapes alone and together)."""
+    return min(math.ceil(length / MIN_TOKENS) * MIN_TOKENS, max_context)
 
 
 def decode_shape(width: int, key_length: int, slots: int, positions: int) -> tuple[int, int]:
