@@ -105,7 +105,7 @@ class DecodeBatch:
         own = self._new_cache(n, T)
         out = self._forward(own, prompt, input_pos=0)
         self._free.sort()  # lowest slots first: the decoded rows stay few
-        sampling = SamplingState(params, n, budget, prompt.device)
+        sampling = SamplingState(params, n, budget, prompt.device, prompt)
         request = DecodeRequest(self._free[:n], sampling, T, prompt.device)
         for shared, prefilled in zip(self.decoder.cache, own, strict=True):
             shared.copy_rows(request.slot_index, prefilled)

@@ -171,6 +171,7 @@ class AgreementSentence:
     number: str  # "singular" or "plural"
     depth: int  # number of modifiers (clauses/phrases) between subject and verb
     attractor: bool  # True if some noun between subject and verb has the other number
+    attractors: int = 0  # how many nouns between subject and verb have the other number
 
 
 def _third_person_singular(base: str) -> str:
@@ -299,13 +300,21 @@ def _predicate(rng: random.Random, subject_class: str) -> tuple[str, list[str]]:
 
 
 def _sample_sentence(
-    rng: random.Random, min_depth: int, max_depth: int, attractor: bool | None
+    rng: random.Random,
+    min_depth: int,
+    max_depth: int,
+    attractor: bool | None,
+    attractors: int | None = None,
 ) -> AgreementSentence:
     """`generate_sentence` without argument checks (the corpus loop checks once)."""
-    depth = rng.randint(max(min_depth, 1) if attractor else min_depth, max_depth)
+    floor = attractors if attractors is not None else (1 if attractor else 0)
+    depth = rng.randint(max(min_depth, floor), max_depth)
     number = rng.choice(NUMBERS)
     other = PLURAL if number == SINGULAR else SINGULAR
-    if attractor is False:
+    if attractors is not None:  # exactly that many of the other number, at random places
+        flipped = set(rng.sample(range(depth), attractors))
+        inner_numbers = [other if i in flipped else number for i in range(depth)]
+    elif attractor is False:
         inner_numbers = [number] * depth
     else:
         inner_numbers = [rng.choice(NUMBERS) for _ in range(depth)]
@@ -341,6 +350,7 @@ def _sample_sentence(
         number=number,
         depth=depth,
         attractor=other in inner_numbers,
+        attractors=inner_numbers.count(other),
     )
 
 
@@ -359,7 +369,11 @@ def _check_depths(min_depth: int, max_depth: int) -> None:
 
 
 def generate_sentence(
-    rng: random.Random, min_depth: int = 0, max_depth: int = 3, attractor: bool | None = None
+    rng: random.Random,
+    min_depth: int = 0,
+    max_depth: int = 3,
+    attractor: bool | None = None,
+    attractors: int | None = None,
 ) -> AgreementSentence:
     """Generate one sentence, its depth drawn uniformly from [min_depth, max_depth].
 
@@ -369,6 +383,8 @@ def generate_sentence(
         attractor: None for whatever comes out (each intervening noun's number is a coin flip);
             True to force at least one intervening noun of the other number (depth >= 1 then);
             False to give every intervening noun the subject's number.
+        attractors: instead of `attractor`, exactly this many intervening nouns of the other
+            number (the depth is then at least this); the others have the subject's number.
 
     Returns:
         The sentence with the spans of its subject head noun and main verb.
@@ -380,7 +396,13 @@ def generate_sentence(
         raise ValueError(f"attractor must be None, True or False, got {attractor!r}")
     if attractor and max_depth == 0:
         raise ValueError("attractor=True needs max_depth >= 1: at depth 0 nothing intervenes")
-    return _sample_sentence(rng, min_depth, max_depth, attractor)
+    if attractors is not None:
+        _check_int("attractors", attractors, 0)
+        if attractor is not None:
+            raise ValueError("give attractor or attractors, not both")
+        if attractors > max_depth:
+            raise ValueError(f"attractors ({attractors}) must be <= max_depth ({max_depth})")
+    return _sample_sentence(rng, min_depth, max_depth, attractor, attractors)
 
 
 def iter_corpus(

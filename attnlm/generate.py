@@ -5,9 +5,15 @@
     for step in stream(model, prompt_ids, params): ...         # one GenerationStep per new token
 
 Temperature 0 is greedy. A seed makes sampling reproducible (a private torch.Generator, never
-the global RNG). With `return_attention=True` every step also carries the attention row of the
-token just fed over all earlier positions, and `generate` assembles the full map of prompt and
-completion from the prefill map plus those rows, without recomputing the prefix.
+the global RNG). Before top-k / top-p / temperature, each row's logits are adjusted, in vLLM's
+order: `logit_bias` is added (token id -> bias), `repetition_penalty` (vLLM's, over the prompt
+and the row's tokens so far) divides positive logits and multiplies negative ones, then
+`frequency_penalty` x (times the token was sampled in this row) and `presence_penalty` x (it was
+sampled at all) are subtracted (OpenAI's definitions), and until `min_tokens` tokens were
+sampled the stop tokens are ruled out. The logits a step reports (for logprobs) are the model's,
+before these adjustments. With `return_attention=True` every step also carries the attention
+row of the token just fed over all earlier positions, and `generate` assembles the full map of
+prompt and completion from the prefill map plus those rows, without recomputing the prefix.
 
 What one decode step decides, whatever runs the forwards, is `SamplingState.choose`: sample each
 row, mark the rows that hit a stop token, end at the budget (`token_budget`). `stream` drives it
@@ -18,7 +24,7 @@ each at its own positions in a shared KV cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +44,11 @@ class SamplingParams:
     top_p: float | None = None  # keep the smallest set whose probability reaches top_p
     stop_token_ids: Sequence[int] = field(default_factory=tuple)  # end a row on any of these
     seed: int | None = None  # reproducible sampling
+    frequency_penalty: float = 0.0  # minus this x count of the token among the row's samples
+    presence_penalty: float = 0.0  # minus this once the token is among the row's samples
+    repetition_penalty: float = 1.0  # > 0 (used within 1e-30..1e30); vLLM's: prompt + samples
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # no stop token before this many tokens
 
     def __post_init__(self) -> None:
         errors = []
@@ -57,8 +68,39 @@ class SamplingParams:
             isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1
         ):
             errors.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _finite(value):
+                errors.append(f"{name} must be a finite number, got {value!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            errors.append(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not isinstance(self.logit_bias, Mapping) or not all(
+            _is_int(k) and k >= 0 and _finite(v) for k, v in self.logit_bias.items()
+        ):
+            errors.append("logit_bias must map token ids (integers >= 0) to finite numbers")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            errors.append(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if errors:
             raise SamplingError("; ".join(errors))
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a row's logits are adjusted before sampling (bias, penalties, min_tokens)."""
+        return bool(
+            self.frequency_penalty
+            or self.presence_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or (self.min_tokens and self.stop_token_ids)
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -128,28 +170,102 @@ def token_budget(
 
 class SamplingState:
     """The sampling side of decoding one request's rows: their parameters, private generator,
-    stop ids, budget, which rows have finished and how many steps were taken. `choose` is the
-    one decode step of `stream` and of `attnlm.batching.DecodeBatch`."""
+    stop ids, budget, which rows have finished and how many steps were taken, and what the
+    penalties count (each request's own: one request's penalties never touch another's rows).
+    `choose` is the one decode step of `stream` and of `attnlm.batching.DecodeBatch`."""
 
     def __init__(
-        self, params: SamplingParams, rows: int, budget: int, device: torch.device
+        self,
+        params: SamplingParams,
+        rows: int,
+        budget: int,
+        device: torch.device,
+        prompt: torch.Tensor | None = None,
     ) -> None:
+        """`prompt` (rows, T): the ids `repetition_penalty` counts besides the samples."""
         self.params = params
         self.budget = budget  # tokens to sample at most
         self.generator = generator_for(params, device)
         self.stop_ids = torch.tensor(list(params.stop_token_ids), dtype=torch.long, device=device)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)  # (rows,)
         self.steps = 0  # tokens sampled so far
+        self._prompt = prompt
+        # built at the first step, when the vocabulary is known (only those the params use):
+        self._work: torch.Tensor | None = None  # (rows, V): the adjusted logits, reused
+        self._penalty: torch.Tensor | None = None  # (rows, V): frequency x count + presence
+        self._sampled: torch.Tensor | None = None  # (rows, V) bool: sampled in this row
+        self._seen: torch.Tensor | None = None  # (rows, V) 1.0 / 0.0: in the prompt or sampled
+        self._factor: torch.Tensor | None = None  # (rows, V): repetition factors, reused
+        self._bias: torch.Tensor | None = None  # (V,): logit_bias as a vector
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits (rows, V) sampling uses: bias, penalties and min_tokens applied (the
+        module doc says in which order), in a buffer of this state's (`logits` is left as it
+        is; the result is overwritten by the next call). SamplingError for a logit_bias id
+        past V."""
+        params = self.params
+        if not params.adjusts_logits:
+            return logits
+        if self._work is None:
+            self._start(*logits.shape, logits.device)
+        work = self._work.copy_(logits)  # in place from here: no (rows, V) allocation a step
+        if self._bias is not None:
+            work.add_(self._bias)
+        if self._seen is not None:  # x 1/p where positive, x p where not; seen tokens only
+            p = min(max(params.repetition_penalty, 1e-30), 1e30)  # float32 keeps p and 1/p
+            big = torch.finfo(work.dtype).max  # logits x 1e30 stay finite: no inf - inf later
+            factor = self._factor.copy_(work > 0).mul_(1.0 / p - p).add_(p)
+            factor.sub_(1.0).mul_(self._seen).add_(1.0)
+            work.mul_(factor).clamp_(-big, big)
+        if self._penalty is not None:
+            work.sub_(self._penalty)
+        if self.steps < params.min_tokens and len(self.stop_ids):
+            work.index_fill_(-1, self.stop_ids, float("-inf"))
+        return work
+
+    def _start(self, rows: int, vocab: int, device: torch.device) -> None:
+        params = self.params
+        self._work = torch.empty(rows, vocab, device=device)
+        if params.frequency_penalty or params.presence_penalty:
+            self._penalty = torch.zeros(rows, vocab, device=device)
+            self._sampled = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        if params.repetition_penalty != 1.0:
+            self._seen = torch.zeros(rows, vocab, device=device)
+            self._factor = torch.empty(rows, vocab, device=device)
+            if self._prompt is not None:
+                self._seen.scatter_(1, self._prompt.to(device), 1.0)
+        if params.logit_bias:
+            ids = list(params.logit_bias)
+            if max(ids) >= vocab:
+                raise SamplingError(f"logit_bias: token id {max(ids)} is not below {vocab}")
+            values = [float(v) for v in params.logit_bias.values()]
+            self._bias = torch.zeros(vocab, device=device)
+            self._bias[torch.tensor(ids, device=device)] = torch.tensor(values, device=device)
+
+    def _count(self, tokens: torch.Tensor) -> None:
+        """Record the sampled tokens (rows,) for the penalties of the next steps."""
+        index = tokens[:, None]  # (rows, 1)
+        if self._penalty is not None:
+            first = ~self._sampled.gather(1, index)  # (rows, 1): not sampled before
+            params = self.params
+            add = params.frequency_penalty + params.presence_penalty * first.float()
+            self._penalty.scatter_add_(1, index, add)
+            self._sampled.scatter_(1, index, True)
+        if self._seen is not None:
+            self._seen.scatter_(1, index, 1.0)
 
     def choose(self, logits: torch.Tensor) -> tuple[GenerationStep, bool]:
         """Sample the next token of every row from logits (rows, V) float32.
 
         Returns:
-            the GenerationStep (no attention attached), and whether it is the last: every row
-            has finished or the budget is spent (then the chosen tokens need not be fed back).
+            the GenerationStep (no attention attached; its logits the ones given), and whether
+            it is the last: every row has finished or the budget is spent (then the chosen
+            tokens need not be fed back).
         """
-        tokens = sample(logits, self.params, self.generator)  # (rows,)
+        tokens = sample(self.adjust(logits), self.params, self.generator)  # (rows,)
         self.steps += 1
+        if self._work is not None:
+            self._count(tokens)
         last = self.steps == self.budget
         if len(self.stop_ids):  # (finished is replaced, never written: steps may keep it)
             self.finished = self.finished | torch.isin(tokens, self.stop_ids)
@@ -185,7 +301,7 @@ def stream(
     budget = token_budget(params, T, block_size, feed_last=return_attention)
     if budget == 0:
         return
-    state = SamplingState(params, B, budget, prompt.device)
+    state = SamplingState(params, B, budget, prompt.device, prompt)
     model.set_kv_cache(B, max_seq_length=min(block_size, T + budget))
     try:
         out = model(prompt, input_pos=0, return_attention=return_attention)

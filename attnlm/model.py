@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attnlm.additive import additive_scores
 from attnlm.config import GPTConfig
 from attnlm.lm import GPTOutput, cache_length, check_positions, lm_loss, optimizer_groups
 
@@ -262,15 +263,9 @@ class CausalSelfAttention(nn.Module):
         return y, att if return_attention else None
 
     def additive_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Bahdanau scores v^T tanh(W_q q + W_k k) for every query/key pair: (B, nh, T, T_k) float32.
-
-        Materialises (B, nh, T, T_k, hs): memory and time grow with T^2 * hs, which is why this
-        variant is for the small configs.
-        """
-        qa = torch.einsum("bhtd,hde->bhte", q, self.add_q.to(q.dtype))  # (B, nh, T, hs)
-        ka = torch.einsum("bhtd,hde->bhte", k, self.add_k.to(k.dtype))  # (B, nh, T_k, hs)
-        hidden = torch.tanh(qa.unsqueeze(3) + ka.unsqueeze(2))  # (B, nh, T, T_k, hs)
-        return torch.einsum("bhtke,he->bhtk", hidden, self.add_v.to(hidden.dtype)).float()
+        """Bahdanau scores v^T tanh(W_q q + W_k k) for every query/key pair the causal mask lets
+        through: (B, nh, T, T_k) float32, in blocks of queries (`attnlm.additive`)."""
+        return additive_scores(q, k, self.add_q, self.add_k, self.add_v)
 
 
 class MLP(nn.Module):

@@ -39,6 +39,7 @@ from attnlm.corpus import (
     PLURAL,
     RELATIVE_PRONOUNS,
     SINGULAR,
+    AgreementSentence,
     generate_corpus,
     generate_sentence,
     noun_number,
@@ -70,8 +71,8 @@ def bucket_label(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else (f"{lo}+" if hi >= 10**6 else f"{lo}-{hi}")
 
 
-def distance_bucket(distance: int) -> str:
-    for lo, hi in DISTANCE_BUCKETS:
+def distance_bucket(distance: int, buckets: Sequence[tuple[int, int]] = DISTANCE_BUCKETS) -> str:
+    for lo, hi in buckets:
         if lo <= distance <= hi:
             return bucket_label(lo, hi)
     raise ValueError(f"distance must be >= 1, got {distance}")
@@ -93,6 +94,7 @@ class ProbeItem:
     wrong_ids: list[int] | None  # tokens of " " + wrong_verb
     subject_positions: list[int]  # indices into prefix_ids of the subject's tokens
     written_verb: str = ""  # the verb as the text has it (may be the wrong form)
+    attractors: int | None = None  # nouns in between of the other number (generated items)
 
     @property
     def verb_position(self) -> int:
@@ -119,6 +121,7 @@ def make_item(
     number: str | None = None,
     depth: int | None = None,
     attractor: bool | None = None,
+    attractors: int | None = None,
 ) -> ProbeItem:
     """Tokenize a labelled sentence. Spans are character offsets [start, end) into text; the verb
     must follow the subject and be preceded by a space (byte-level BPE puts the space in the
@@ -158,6 +161,7 @@ def make_item(
         wrong_ids=None if wrong_verb is None else continuation(wrong_verb),
         subject_positions=list(range(first, last)),
         written_verb=text[v0:v1],
+        attractors=attractors,
     )
 
 
@@ -194,15 +198,95 @@ def probe_set(
             s = generate_sentence(rng, depth, depth, attractor)
             if s.text in excluded:
                 continue
-            item = make_item(
-                tokenizer, s.text, s.subject_span, s.verb_span, s.verb, s.wrong_verb,
-                s.number, s.depth, s.attractor,
-            )  # fmt: skip
-            longest = max(len(item.verb_ids), len(item.wrong_ids or []))
-            if block_size is not None and 1 + len(item.prefix_ids) + longest > block_size:
+            item = sentence_item(tokenizer, s)
+            if block_size is not None and not fits(item, block_size):
                 continue
             items.append(item)
             made += 1
+    return items
+
+
+def sentence_item(tokenizer: Tokenizer, s: AgreementSentence) -> ProbeItem:
+    """The probe item of a generated sentence."""
+    return make_item(
+        tokenizer, s.text, s.subject_span, s.verb_span, s.verb, s.wrong_verb,
+        s.number, s.depth, s.attractor, s.attractors,
+    )  # fmt: skip
+
+
+def fits(item: ProbeItem, block_size: int) -> bool:
+    """Whether the item's forward (end-of-text token, prefix, longer verb form) fits the context."""
+    longest = max(len(item.verb_ids), len(item.wrong_ids or []))
+    return 1 + len(item.prefix_ids) + longest <= block_size
+
+
+# The hard set: distances far past what the training corpus holds (depth <= 3 there, about 25
+# tokens), up to ~200 tokens in a 256-token context, crossed with counts of attractors.
+HARD_DISTANCE_BUCKETS: tuple[tuple[int, int], ...] = (
+    (1, 10),
+    (11, 25),
+    (26, 50),
+    (51, 100),
+    (101, 150),
+    (151, 200),
+)
+HARD_ATTRACTORS = (0, 1, 2, 3, 4)
+# a modifier adds at least 3 tokens ("near the dogs") and seldom more than 12: the depths worth
+# drawing for a bucket of token distances (the subject's own phrase adds none)
+_TOKENS_PER_MODIFIER = (3, 12)
+
+
+def hard_cells(
+    buckets: Sequence[tuple[int, int]] = HARD_DISTANCE_BUCKETS,
+    attractor_counts: Sequence[int] = HARD_ATTRACTORS,
+) -> list[tuple[tuple[int, int], int]]:
+    """(distance bucket, attractors) cells that sentences can fill: k attractors need k
+    modifiers, 3 tokens at the very least and seldom under 4 with a small vocabulary, so a bucket
+    ending at `hi` holds k only if 4k <= hi."""
+    return [(b, k) for b in buckets for k in attractor_counts if 4 * k <= b[1]]
+
+
+def hard_probe_set(
+    tokenizer: Tokenizer,
+    per_cell: int = 50,
+    seed: int = PROBE_SEED,
+    block_size: int = 256,
+    buckets: Sequence[tuple[int, int]] = HARD_DISTANCE_BUCKETS,
+    attractor_counts: Sequence[int] = HARD_ATTRACTORS,
+    exclude: Iterable[str] = (),
+    strict: bool = True,
+) -> list[ProbeItem]:
+    """A deterministic probe set balanced over (token distance bucket, number of attractors)
+    cells (`hard_cells`): `per_cell` held-out sentences each, deep enough to put the verb that
+    many tokens after the subject, each fitting `block_size` tokens with the end-of-text token.
+    A cell the tokenizer cannot fill (a small vocabulary spends more tokens on a modifier) is a
+    ProbeError, or with `strict=False` keeps the sentences found (maybe none)."""
+    if per_cell < 1:
+        raise ValueError(f"per_cell must be >= 1, got {per_cell}")
+    excluded = set(exclude)
+    rng = random.Random(seed)
+    few, many = _TOKENS_PER_MODIFIER
+    items: list[ProbeItem] = []
+    for (lo, hi), k in hard_cells(buckets, attractor_counts):
+        min_depth, max_depth = max(k, (lo - 1) // many), max(k, (hi - 1) // few)
+        made, tries = 0, 0
+        while made < per_cell:
+            tries += 1
+            if tries > 400 * per_cell:
+                if not strict:
+                    break
+                raise ProbeError(
+                    f"could not find {per_cell} held-out sentences {lo}-{hi} tokens from subject "
+                    f"to verb with {k} attractors that fit {block_size} tokens"
+                )
+            depth = rng.randint(min_depth, max_depth)
+            s = generate_sentence(rng, depth, depth, attractors=k)
+            if s.text in excluded:
+                continue
+            item = sentence_item(tokenizer, s)
+            if lo <= item.distance <= hi and fits(item, block_size):
+                items.append(item)
+                made += 1
     return items
 
 
@@ -319,6 +403,8 @@ class ProbeSummary:
     by_distance: dict[str, Group] = field(default_factory=dict)
     by_attractor: dict[bool, Group] = field(default_factory=dict)
     by_depth_attractor: dict[tuple[int, bool], Group] = field(default_factory=dict)
+    by_attractors: dict[int, Group] = field(default_factory=dict)  # generated items: the count
+    by_distance_attractors: dict[tuple[str, int], Group] = field(default_factory=dict)
     head_attention: torch.Tensor | None = None  # (L, H) mean attention to subject, depth >= 1
     best_head: tuple[int, int] | None = None  # (layer, head) with the highest such mean
 
@@ -341,6 +427,10 @@ class ProbeSummary:
             "by_depth": groups(self.by_depth),
             "by_distance": groups(self.by_distance),
             "by_attractor": groups(self.by_attractor),
+            "by_attractors": groups(self.by_attractors),
+            "by_distance_attractors": groups(
+                {f"{d}|{k}": g for (d, k), g in self.by_distance_attractors.items()}
+            ),
             "best_head": None if self.best_head is None else list(self.best_head),
             "head_attention": None
             if self.head_attention is None
@@ -348,8 +438,12 @@ class ProbeSummary:
         }
 
 
-def summarize(items: Sequence[ProbeItem], scores: Sequence[ItemScore]) -> ProbeSummary:
-    """Accuracy by depth, distance bucket and attractor; the head that attends most to the subject
+def summarize(
+    items: Sequence[ProbeItem],
+    scores: Sequence[ItemScore],
+    buckets: Sequence[tuple[int, int]] = DISTANCE_BUCKETS,
+) -> ProbeSummary:
+    """Accuracy by depth, distance bucket (`buckets`), attractor and number of attractors; the head that attends most to the subject
     from the verb-predicting position (mean over items with depth >= 1, where the subject is not
     simply the previous token), and that head's attention by group."""
     if len(items) != len(scores):
@@ -369,13 +463,16 @@ def summarize(items: Sequence[ProbeItem], scores: Sequence[ItemScore]) -> ProbeS
         head_attention=head_attention,
         best_head=best,
     )
-    for lo, hi in DISTANCE_BUCKETS:
+    for lo, hi in buckets:
         summary.by_distance[bucket_label(lo, hi)] = Group()
     for it, sc in judged:
-        keys = [
-            (summary.by_distance, distance_bucket(it.distance)),
-            (summary.by_attractor, bool(it.attractor)),
-        ]
+        bucket = distance_bucket(it.distance, buckets)
+        keys = [(summary.by_distance, bucket), (summary.by_attractor, bool(it.attractor))]
+        if it.attractors is not None:
+            keys += [
+                (summary.by_attractors, it.attractors),
+                (summary.by_distance_attractors, (bucket, it.attractors)),
+            ]
         if it.depth is not None:
             keys += [
                 (summary.by_depth, it.depth),
@@ -391,6 +488,7 @@ def summarize(items: Sequence[ProbeItem], scores: Sequence[ItemScore]) -> ProbeS
                 group.uniform += len(it.subject_positions) / (1 + len(it.prefix_ids))
     summary.by_distance = {k: g for k, g in summary.by_distance.items() if g.n}
     summary.by_depth = dict(sorted(summary.by_depth.items()))
+    summary.by_attractors = dict(sorted(summary.by_attractors.items()))
     return summary
 
 

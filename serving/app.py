@@ -4,8 +4,9 @@
     serve run serving.app:build_app artifact=artifacts/tiny
 
 Endpoints (docs/serving.md): POST /v1/completions (OpenAI's shape, SSE streaming), POST
-/v1/next-token, POST /v1/attention, POST /v1/probe, GET /v1/models, GET /health, GET /metrics,
-GET / (viewer).
+/v1/chat/completions (through the folder's chat template), POST /v1/next-token, POST
+/v1/attention, POST /v1/probe, GET /v1/models[/{id}], GET /tokenizer_info, POST /tokenize and
+/detokenize (vLLM's shapes), GET /health, GET /metrics, GET / (viewer).
 Next-token and attention forwards from concurrent requests are batched with `@serve.batch`
 (size and wait in `user_config`, `serving.settings`). Every error answers OpenAI's error body
 (`serving.http`): a bad request a 4xx (checked once: by the pydantic models of `serving.schemas`,
@@ -29,8 +30,11 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
+from serving.api_params import attention_options, chat_params, completion_params
+from serving.api_params import prompts as api_prompts
 from serving.app_args import check_app_args
 from serving.auth import Access, require_key
+from serving.chat import tokenizer_info as describe_tokenizer
 from serving.engine import AttentionOptions, CompletionParams, Engine, EngineError
 from serving.http import (
     JSON,
@@ -45,29 +49,36 @@ from serving.http import (
     logger,
     request_id,
 )
-from serving.limits import DEFAULT_MAX_TOKENS
 from serving.metrics import ServerMetrics
 from serving.openapi import (
     EVENT_STREAM,
     GET_ERRORS,
     POST_ERRORS,
     AttentionResponse,
+    ChatCompletionResponse,
     CompletionResponse,
+    DetokenizeResponse,
     Health,
     ModelBounds,
+    ModelCard,
     ModelList,
     NextTokenResponse,
     ProbeResponse,
+    TokenizeResponse,
+    TokenizerInfo,
     contract,
     responses,
 )
 from serving.params import CompletionDelta, Deadline
+from serving.responses import as_chat, attention_dict, chat_chunk, completion_chunk
 from serving.schemas import (
-    AttentionOptionsModel,
     AttentionRequest,
+    ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     NextTokenRequest,
     ProbeRequest,
+    TokenizeRequest,
     error_body,
 )
 from serving.settings import GRACEFUL_SHUTDOWN_TIMEOUT_S, MAX_ONGOING_REQUESTS, ServerSettings
@@ -109,60 +120,6 @@ def create_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
 
 
 app = create_app(int(os.environ.get("ATTNLM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)))
-
-
-def _attention_options(source: AttentionOptionsModel | bool | None) -> AttentionOptions | None:
-    if source is None or source is False:
-        return None
-    if source is True:
-        return AttentionOptions()
-    return AttentionOptions(
-        layers=source.layers,
-        heads=source.heads,
-        aggregation=source.aggregation,
-        encoding=source.encoding,
-        decimals=source.decimals,
-    )
-
-
-def _completion_params(
-    request: CompletionRequest, timeout_s: float | None = None
-) -> CompletionParams:
-    """The engine's parameters of a completion request (`max_tokens` null: the default; a
-    `top_p` of 1: no nucleus sampling), with a deadline `timeout_s` from now (None: none)."""
-    return CompletionParams(
-        max_tokens=DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens,
-        temperature=request.temperature,
-        top_p=None if request.top_p >= 1.0 else request.top_p,
-        top_k=request.top_k,
-        stop=request.stop,
-        seed=request.seed,
-        n=request.n,
-        echo=request.echo,
-        logprobs=request.logprobs,
-        attention=_attention_options(request.return_attention),
-        deadline=None if timeout_s is None else Deadline.after(timeout_s),
-    )
-
-
-def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """The prompts of a request, each a text or token ids (OpenAI's four forms of `prompt`)."""
-    if isinstance(prompt, str) or isinstance(prompt[0], int):
-        return [prompt]
-    return list(prompt)
-
-
-def _attention_dict(result) -> dict[str, Any]:
-    return {
-        "tokens": result.tokens,
-        "token_ids": result.token_ids,
-        "n_layers": result.n_layers,
-        "n_heads": result.n_heads,
-        "layers": result.layers,
-        "heads": result.heads,
-        "aggregation": result.aggregation,
-        "attention": result.attention,
-    }
 
 
 def _error_event(err: Exception) -> str:
@@ -366,29 +323,65 @@ class AttnLMServer:
             "node_id": self.node_id,
         }
 
+    def _model_card(self) -> dict[str, Any]:
+        config = self.engine.config
+        return {
+            "id": self.engine.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "attnlm",
+            # extensions: what the viewer needs to know (an LSTM has no attention maps)
+            "arch": config.arch,
+            "attention": config.attention if config.has_attention else None,
+            "n_layers": config.n_layer,
+            "n_heads": config.n_head if config.has_attention else None,
+            "context_length": self.engine.max_context,
+        }
+
     @app.get("/v1/models", response_model=None, responses=responses(ModelList, *GET_ERRORS))
     async def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.engine.model_name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "attnlm",
-                    # extensions: what the viewer needs to know (an LSTM has no attention maps)
-                    "arch": self.engine.config.arch,
-                    "attention": self.engine.config.attention
-                    if self.engine.config.has_attention
-                    else None,
-                    "n_layers": self.engine.config.n_layer,
-                    "n_heads": self.engine.config.n_head
-                    if self.engine.config.has_attention
-                    else None,
-                    "context_length": self.engine.max_context,
-                }
-            ],
-        }
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get(
+        "/v1/models/{model_id}",
+        response_model=None,
+        responses=responses(ModelCard, 404, *GET_ERRORS),
+    )
+    async def model(self, model_id: str) -> Response:
+        async def work():
+            self._check_model(model_id)
+            return self._model_card()
+
+        return await self._admit("models", work)
+
+    @app.get(
+        "/tokenizer_info", response_model=None, responses=responses(TokenizerInfo, *GET_ERRORS)
+    )
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return describe_tokenizer(self.engine)
+
+    @app.post("/tokenize", responses=responses(TokenizeResponse, *POST_ERRORS))
+    async def tokenize(self, request: TokenizeRequest) -> Response:
+        async def work():
+            self._check_model(request.model)
+            ids = await asyncio.to_thread(self.engine.tokenize, request.prompt)
+            strs = self.engine.tokenizer.token_strings(ids) if request.return_token_strs else None
+            return {
+                "count": len(ids),
+                "max_model_len": self.engine.max_context,
+                "tokens": ids,
+                "token_strs": strs,
+            }
+
+        return await self._admit("tokenize", work)
+
+    @app.post("/detokenize", responses=responses(DetokenizeResponse, *POST_ERRORS))
+    async def detokenize(self, request: DetokenizeRequest) -> Response:
+        async def work():
+            self._check_model(request.model)
+            return {"prompt": self.engine.detokenize(request.tokens)}
+
+        return await self._admit("detokenize", work)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=responses(None, *GET_ERRORS))
     async def metrics(self) -> Response:
@@ -428,9 +421,9 @@ class AttnLMServer:
                 self.engine.check_attention_options,
                 self._attention_batch,
                 request.text,
-                _attention_options(request),
+                attention_options(request),
             )
-            return Timed({"model": self.engine.model_name, **_attention_dict(att_map)}, secs)
+            return Timed({"model": self.engine.model_name, **attention_dict(att_map)}, secs)
 
         return await self._admit("attention", work)
 
@@ -452,21 +445,45 @@ class AttnLMServer:
     async def completions(self, request: CompletionRequest) -> Response:
         async def work():
             self._check_model(request.model)
-            prompts = _prompts(request.prompt)
-            params = _completion_params(request, self.settings.request_timeout_s)
+            prompts = api_prompts(request.prompt)
+            params = completion_params(request, self.settings.request_timeout_s)
             for p in prompts:
                 self.engine.encode(p, param="prompt")
             completion_id = f"cmpl-{uuid.uuid4().hex[:24]}"
             if request.stream:  # the engine checks the parameters here: a 400, not an event
                 streams = [self.engine.stream(p, params) for p in prompts]
-                return StreamingResponse(
-                    self._stream(completion_id, streams, params), media_type="text/event-stream"
-                )
+                events = self._stream(completion_id, streams, params, completion_chunk)
+                return StreamingResponse(events, media_type="text/event-stream")
             return await self._in_time(
                 params.deadline, self._complete, completion_id, prompts, params
             )
 
         return await self._admit("completions", work)
+
+    @app.post(
+        "/v1/chat/completions",
+        responses=responses(ChatCompletionResponse, *POST_ERRORS, 504, content=EVENT_STREAM),
+    )
+    async def chat_completions(self, request: ChatCompletionRequest) -> Response:
+        """Chat through the folder's chat template (`serving.chat`): one prompt, completed."""
+
+        async def work():
+            self._check_model(request.model)
+            prompt = self.engine.chat_prompt([m.model_dump() for m in request.messages])
+            self.engine.encode(prompt, param="messages")
+            timeout_s = self.settings.request_timeout_s
+            params = chat_params(request, self.engine.max_tokens_limit, timeout_s)
+            completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            if request.stream:
+                streams = [self.engine.stream(prompt, params)]
+                events = self._stream(completion_id, streams, params, chat_chunk)
+                return StreamingResponse(events, media_type="text/event-stream")
+            body = await self._in_time(
+                params.deadline, self._complete, completion_id, [prompt], params
+            )
+            return as_chat(body)
+
+        return await self._admit("chat-completions", work)
 
     async def _in_time(self, deadline: Deadline | None, fn, *args):
         """fn(*args) on the decode thread pool, answered by the deadline at the latest (504): the
@@ -514,14 +531,19 @@ class AttnLMServer:
         }
 
     async def _stream(
-        self, completion_id: str, streams: list[Iterator[CompletionDelta]], params: CompletionParams
+        self,
+        completion_id: str,
+        streams: list[Iterator[CompletionDelta]],
+        params: CompletionParams,
+        chunk_of,
     ) -> AsyncIterator[str]:
-        """Server-sent events of the completion, one engine stream per prompt; an error (the
+        """Server-sent events of the completion, one engine stream per prompt, each delta one
+        chunk (`chunk_of(delta, index, first)`: a completion's, a chat's); an error (the
         deadline, anything unexpected) is one `data: {"error": ...}` event, then `data: [DONE]`.
         A stream left behind is closed when dropped (CPython frees it at once), freeing its
         decode slots; the engine also stops one past its deadline at its next step."""
         created = int(time.time())
-        generated = 0
+        generated, seen = 0, set()
         for p_index, deltas in enumerate(streams):
             while True:
                 try:
@@ -533,19 +555,15 @@ class AttnLMServer:
                 if delta is None:
                     break
                 generated += 1 if delta.text or delta.finish_reason is None else 0
+                index = p_index * params.n + delta.index
+                kind, choice = chunk_of(delta, index, index not in seen)
+                seen.add(index)
                 chunk = {
                     "id": completion_id,
-                    "object": "text_completion",
+                    "object": kind,
                     "created": created,
                     "model": self.engine.model_name,
-                    "choices": [
-                        {
-                            "text": delta.text,
-                            "index": p_index * params.n + delta.index,
-                            "logprobs": delta.logprobs,
-                            "finish_reason": delta.finish_reason,
-                        }
-                    ],
+                    "choices": [choice],
                 }
                 yield f"data: {dumps(chunk).decode()}\n\n"
         self.metrics.generated(generated)

@@ -41,10 +41,15 @@ class Row:
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, stops: Sequence[str] = (), end_id: int | None = None
+        self,
+        tokenizer: Tokenizer,
+        stops: Sequence[str] = (),
+        end_id: int | None = None,
+        min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
+        self.min_tokens = min_tokens  # stop strings count from this many sampled tokens on
         self.end_id = end_id  # the token that ends the row (end-of-text), excluded from the text
         self.generated: list[int] = []  # every sampled id: end-of-text and stop-string ones too
         self.ids: list[int] = []  # ids whose text makes up the completion
@@ -56,14 +61,18 @@ class Row:
         self.emitted = 0  # characters of text handed out
         self.emitted_tokens = 0  # records handed out
         self.closed = False  # the last delta (with finish_reason) went out
+        self.logprob_sum = 0.0  # of every sampled token (best_of ranks rows by its mean)
         self._clean = 0  # ids[:_clean] decode to _clean_text, which ends on a whole character
         self._clean_text = ""
         self._longest_stop = max((len(s) for s in self.stops), default=0)
 
     def add(self, token_id: int, record: tuple | None = None) -> None:
         self.generated.append(token_id)
-        if token_id == self.end_id:
+        if token_id == self.end_id:  # not in the text; in logprobs (as vLLM reports it)
             self.finish_reason = "stop"
+            if record is not None:
+                self.records.append(record)
+                self.offsets.append(len(self.text))
             return
         previous, shared = self.text, len(self._clean_text)
         self.ids.append(token_id)
@@ -82,7 +91,7 @@ class Row:
                 break
             self.offsets[j] = shared
         self.offsets.append(shared)
-        if self.stops:
+        if self.stops and len(self.generated) >= self.min_tokens:
             start = max(0, len(previous.rstrip(REPLACEMENT)) - self._longest_stop + 1)
             found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
             if found:

@@ -45,6 +45,7 @@ from attnlm.fastdecode import preferred_dtype
 from attnlm.generate import SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
 from serving.attention_maps import attention_map, check_attention_options
+from serving.chat import ChatTemplate, no_chat_template
 from serving.decoder import DecodeBatcher, DecodeModel
 from serving.detok import Row, join_logprobs, logprobs_dict, prompt_logprobs, token_records
 from serving.forwards import TextForwards
@@ -60,11 +61,18 @@ from serving.params import (
     EngineError,
     NextToken,
     ProbeResult,
+    conflict,
     invalid,
     is_int,
 )
 from serving.sentence_probe import probe_sentence
-from serving.text import check_text, check_token_ids, context_exceeded, max_text_chars
+from serving.text import (
+    check_text,
+    check_token_ids,
+    context_exceeded,
+    max_text_chars,
+    unicode_error,
+)
 
 DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions decode in
 # decode steps a non-streamed completion's thread takes at once (one wake-up each); a stop string
@@ -84,6 +92,31 @@ class _Run:
     rows: list[Row]
     prefill: list[torch.Tensor] = field(default_factory=list)  # (L, n, H, T, T)
     attention_rows: list[torch.Tensor] = field(default_factory=list)  # (L, n, H, 1, T + i + 1)
+
+
+def sampling_params(params: CompletionParams, stop_token_ids: Sequence[int]) -> SamplingParams:
+    """The decoder's SamplingParams of a completion's (rows end on `stop_token_ids`)."""
+    return SamplingParams(
+        max_new_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        stop_token_ids=tuple(stop_token_ids),
+        seed=params.seed,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=params.logit_bias,
+        min_tokens=params.min_tokens,
+    )
+
+
+def best_rows(rows: list[Row], n: int) -> list[Row]:
+    """The n rows of best mean logprob over their sampled tokens (best_of), best first; all rows,
+    in order, when there are n."""
+    if len(rows) == n:
+        return rows
+    return sorted(rows, key=lambda r: -r.logprob_sum / max(len(r.generated), 1))[:n]
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -110,8 +143,9 @@ class Engine:
             compile: compile the decode step completions share (`attnlm.fastdecode`: inductor
                 on CPU, CUDA graphs on CUDA), warmed up here; eager, logged, where it cannot.
             batch_invariant: a request's numbers do not depend on what else is batched with
-                it (`attnlm.invariance`; slower): the model's batch-invariant attention, length
-                buckets instead of packed rows, decode steps of fixed minimum shapes; checked
+                it (`attnlm.invariance`; slower): the model's batch-invariant attention, texts
+                padded to multiples of 16 instead of packed rows, decode steps of fixed minimum
+                shapes; checked
                 here on the model's weights (`invariance_problem`, logged, says what failed).
                 Transformers only.
         """
@@ -138,6 +172,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.info = loaded.info
+        self.artifact_path = loaded.path
+        self.chat_template = ChatTemplate.of(loaded.path)  # None: chat completions are a 404
         self.model_name = Path(artifact).resolve().name
         self.max_context = self.config.block_size
         self._max_text_chars = max_text_chars(self.tokenizer, self.max_context)
@@ -177,6 +213,25 @@ class Engine:
             )
         return ids
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of any text (`POST /tokenize`: also over the context window)."""
+        if unicode_error(text) is not None:
+            raise invalid(unicode_error(text), "prompt")
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (`POST /detokenize`), each checked against the vocabulary."""
+        if not ids:
+            return ""
+        return self.tokenizer.decode(check_token_ids(ids, self.tokenizer.vocab_size, "tokens"))
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt of chat messages through the folder's chat template; a 404
+        `chat_template_missing` without one."""
+        if self.chat_template is None:
+            raise no_chat_template(self.model_name)
+        return self.chat_template.render(messages)
+
     def check_attention_options(self, options: AttentionOptions) -> None:
         """EngineError for options this model cannot answer: code "attention_unavailable"
         without attention maps, "out_of_range" for a layer or head it does not have."""
@@ -191,6 +246,13 @@ class Engine:
     def _check_completion(self, prompt: str | list[int], params: CompletionParams) -> list[int]:
         if not isinstance(params, CompletionParams):
             raise TypeError(f"params must be CompletionParams, got {type(params).__name__}")
+        vocab = self.tokenizer.vocab_size
+        outside = [i for i in params.logit_bias if i >= vocab]
+        if outside:
+            raise invalid(
+                f"logit_bias: token id {outside[0]} is not in the vocabulary (ids 0..{vocab - 1})",
+                "logit_bias",
+            )
         if params.max_tokens > self.max_tokens_limit:
             raise EngineError(
                 f"max_tokens must be at most {self.max_tokens_limit}, got {params.max_tokens}",
@@ -292,7 +354,7 @@ class Engine:
         base = len(prompt) if params.echo else 0
         echo_logprobs = self._prompt_logprobs(run)
         choices = []
-        for index, row in enumerate(run.rows):
+        for index, row in enumerate(best_rows(run.rows, params.n)):
             text, records, offsets = row.take()
             logprobs = None
             if params.logprobs is not None:
@@ -319,7 +381,9 @@ class Engine:
         """`complete` one delta at a time: per step and choice, the text that became final (an
         incomplete UTF-8 character or a possible start of a stop string is held back); each
         choice's last delta has its finish_reason (and, with attention, its map). The parameters
-        are checked here, before the first delta is asked for."""
+        are checked here, before the first delta is asked for (best_of > 1 cannot stream)."""
+        if params.best_of is not None and params.best_of > 1:
+            raise conflict("best_of > 1 cannot be streamed (as in OpenAI's API)", "best_of")
         run = self._start(prompt, params)
         return self._deltas(run)
 
@@ -362,22 +426,23 @@ class Engine:
         prompt_ids = self._check_completion(prompt, params)
         if not isinstance(prompt, str):  # token ids: echo writes their text
             prompt = self.tokenizer.decode(prompt_ids)
-        rows = [Row(self.tokenizer, params.stop, self.tokenizer.eot_id) for _ in range(params.n)]
+        rows = [
+            Row(self.tokenizer, params.stop, self.tokenizer.eot_id, params.min_tokens)
+            for _ in range(params.candidates)
+        ]
         return _Run(prompt, prompt_ids, params, rows)
 
     def _steps(self, run: _Run, chunk: int = 1) -> Iterator[None]:
         """Decode until every row has finished; yields after each step (batched decoding hands
         the steps over `chunk` at a time)."""
         params = run.params
-        sampling = SamplingParams(
-            max_new_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            stop_token_ids=(self.tokenizer.eot_id,),
-            seed=params.seed,
-        )
-        prompt = torch.tensor([run.prompt_ids] * params.n, device=self.device)  # (n, T)
+        if params.max_tokens == 0:  # echo only: the prompt's scores, nothing decoded
+            for row in run.rows:
+                row.finish_reason = "length"
+            return
+        sampling = sampling_params(params, (self.tokenizer.eot_id,))
+        rows = params.candidates
+        prompt = torch.tensor([run.prompt_ids] * rows, device=self.device)  # (rows, T)
         if params.attention is None and self._batcher is not None:
             steps = self._batcher.stream(prompt, sampling, chunk)
         else:  # the map needs each step's attention rows: this request decodes alone
@@ -391,9 +456,16 @@ class Engine:
                 records = token_records(self.tokenizer, step.tokens, step.logits, params.logprobs)
                 if step.attention is not None:
                     run.attention_rows.append(step.attention)
-                for row, token, record in zip(run.rows, tokens, records, strict=True):
+                scores = [0.0] * rows
+                if rows > params.n:  # best_of: each row's mean logprob ranks it
+                    logprobs = F.log_softmax(step.logits.float(), dim=-1)  # (rows, V)
+                    scores = logprobs.gather(1, step.tokens[:, None])[:, 0].tolist()
+                for row, token, record, score in zip(
+                    run.rows, tokens, records, scores, strict=True
+                ):
                     if row.finish_reason is None:
                         row.add(token, record)
+                        row.logprob_sum += score
                 yield
                 if all(row.finish_reason is not None for row in run.rows):
                     break

@@ -21,6 +21,9 @@ DEFAULT_TOP_K = 10  # next-token alternatives
 DEFAULT_MAX_TOKENS = 16  # tokens per completion (OpenAI's default)
 MAX_N = 16  # samples per completion request
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's legacy completions
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty in -2..2 (OpenAI's range)
+MAX_BIAS = 100  # logit_bias values in -100..100 (OpenAI's range)
+MAX_REPETITION_PENALTY = 2.0**31  # HTTP only: a bound for the schema; the engine takes any > 0
 # seeds: integers exact as JSON numbers everywhere (JavaScript, float-based JSON tools)
 MIN_SEED, MAX_SEED = -(2**53 - 1), 2**53 - 1
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from serving.auth import Access
 from serving.limits import Aggregation, Encoding
@@ -160,6 +160,51 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TokenizerInfo(BaseModel):
+    """vLLM's /tokenizer_info: the tokenizer config's fields, these always."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str | None  # None: no chat completions
+    model_max_length: int
+    vocab_size: int
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None  # with return_token_strs only
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     model: str
@@ -171,7 +216,8 @@ class Health(BaseModel):
 ERRORS = {
     400: "a bad request: a field out of its bounds, bad text, a text over the context window",
     401: "no API key, or a wrong one",
-    404: "no such model (`model` names another one)",
+    404: "no such model (`model` names another one); for chat completions also a model "
+    "without a chat template (`chat_template_missing`)",
     413: "the request body is over the server's limit",
     500: "an unexpected error; the message carries the request id the server logged",
     503: "the replica is at capacity or was lost: retry after `Retry-After` seconds",
@@ -255,6 +301,20 @@ def _bound_integers(schema: dict, maximum: int) -> None:
             node["maximum"] = maximum
 
 
+def digits_below(n: int) -> str:
+    """A regular expression of the decimal numbers 0..n-1 (no leading zeros), n >= 1."""
+    top = str(n - 1)
+    options = ["0"] if n > 1 else []
+    for length in range(1, len(top)):  # shorter numbers: any digits
+        options.append("[1-9]" + ("[0-9]" * (length - 1)))
+    for i, digit in enumerate(top):  # as long as n - 1: smaller at position i, same before it
+        low = "1" if i == 0 else "0"
+        if digit > low:
+            options.append(f"{top[:i]}[{low}-{int(digit) - 1}]" + "[0-9]" * (len(top) - i - 1))
+    options.append(top)
+    return "^(" + "|".join(dict.fromkeys(options)) + ")$"
+
+
 def _state_bounds(schemas: dict[str, Any], bounds: ModelBounds) -> None:
     context = (
         f" At most {bounds.context_length} tokens (the context window); beyond, a 400 "
@@ -271,6 +331,17 @@ def _state_bounds(schemas: dict[str, Any], bounds: ModelBounds) -> None:
             _bound_integers(props["layers"], bounds.n_layer - 1)
             _bound_integers(props["heads"], bounds.n_head - 1)
     _bound_integers(schemas["NextTokenRequest"]["properties"]["top_k"], bounds.vocab_size)
+    _bound_integers(schemas["DetokenizeRequest"]["properties"]["tokens"], bounds.vocab_size - 1)
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for props in (chat, schemas["CompletionRequest"]["properties"]):
+        for node in _walk(props["logit_bias"]):
+            if "patternProperties" in node:  # token id -> bias: ids below the vocabulary
+                (bias,) = node.pop("patternProperties").values()
+                node["propertyNames"] = {"pattern": digits_below(bounds.vocab_size)}
+                node["additionalProperties"] = bias
+        _bound_integers(props["min_tokens"], bounds.max_tokens)
+    _bound_integers(chat["max_tokens"], bounds.max_tokens)
+    _bound_integers(chat["max_completion_tokens"], bounds.max_tokens)
     completion = schemas["CompletionRequest"]["properties"]
     _bound_integers(completion["max_tokens"], bounds.max_tokens)
     _bound_integers(completion["prompt"], bounds.vocab_size - 1)

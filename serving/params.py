@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from serving.limits import (
@@ -17,9 +17,11 @@ from serving.limits import (
     DEFAULT_DECIMALS,
     DEFAULT_MAX_TOKENS,
     ENCODINGS,
+    MAX_BIAS,
     MAX_DECIMALS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_PENALTY,
     MAX_SEED,
     MIN_SEED,
 )
@@ -48,6 +50,11 @@ def is_number(value: object) -> bool:
 
 def invalid(message: str, param: str) -> EngineError:
     return EngineError(message, param=param, code="invalid_value")
+
+
+def conflict(message: str, param: str) -> EngineError:
+    """A 400 for values each in bounds that do not go together (no JSON schema states it)."""
+    return EngineError(message, param=param, code="conflicting_parameters")
 
 
 # -- request parameters ----------------------------------------------------------------------------
@@ -129,10 +136,11 @@ class Deadline:
 
 @dataclass(frozen=True)
 class CompletionParams:
-    """OpenAI legacy-completions sampling parameters; checked at construction (`max_tokens`'s
-    upper limit by the engine)."""
+    """OpenAI legacy-completions sampling parameters and vLLM's extras; checked at construction
+    (`max_tokens`'s upper limit and `logit_bias` ids against the vocabulary by the engine)."""
 
-    max_tokens: int = DEFAULT_MAX_TOKENS  # 1..the engine's limit; the context may end a row sooner
+    # 0..the engine's limit (0: score the prompt, with echo only); the context may end a row sooner
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0 = greedy
     top_p: float | None = None  # nucleus sampling, in (0, 1]
     top_k: int | None = None  # keep the k most likely tokens, >= 1
@@ -143,6 +151,17 @@ class CompletionParams:
     logprobs: int | None = None  # the chosen token's and this many (0..MAX_LOGPROBS) top logprobs
     attention: AttentionOptions | None = None  # return the map over prompt + completion
     deadline: Deadline | None = None  # stop decoding past it, with a 504 EngineError
+    frequency_penalty: float = 0.0  # -MAX_PENALTY..MAX_PENALTY, OpenAI's
+    presence_penalty: float = 0.0  # -MAX_PENALTY..MAX_PENALTY, OpenAI's
+    repetition_penalty: float = 1.0  # > 0, vLLM's (1: none)
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> -100..100
+    min_tokens: int = 0  # vLLM's: no end-of-text (or stop string) before this many tokens
+    best_of: int | None = None  # >= n candidates; the n of best mean logprob are returned
+
+    @property
+    def candidates(self) -> int:
+        """Rows decoded: best_of, or n."""
+        return self.n if self.best_of is None else self.best_of
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -151,9 +170,9 @@ class CompletionParams:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise invalid("stop must be a non-empty string or a list of them", "stop")
         object.__setattr__(self, "stop", tuple(stop))
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 0:
             raise invalid(
-                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
+                f"max_tokens must be an integer >= 0, got {self.max_tokens!r}", "max_tokens"
             )
         if not is_number(self.temperature) or not (
             math.isfinite(self.temperature) and self.temperature >= 0
@@ -182,6 +201,63 @@ class CompletionParams:
             raise invalid("attention must be AttentionOptions or None", "attention")
         if self.deadline is not None and not isinstance(self.deadline, Deadline):
             raise invalid("deadline must be a Deadline or None", "deadline")
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        """The penalties, logit_bias, min_tokens, best_of and max_tokens 0."""
+        if self.max_tokens == 0 and not self.echo:
+            raise conflict(
+                "max_tokens 0 scores the prompt only: set echo (with logprobs for the scores), "
+                "or ask for at least 1 token",
+                "max_tokens",
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise invalid(
+                    f"{name} must be in -{MAX_PENALTY:g}..{MAX_PENALTY:g}, got {value!r}", name
+                )
+        if not is_number(self.repetition_penalty) or not (
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0
+        ):
+            raise invalid(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
+                "repetition_penalty",
+            )
+        bias = self.logit_bias if self.logit_bias is not None else {}
+        if not isinstance(bias, Mapping):
+            raise invalid("logit_bias must map token ids to biases", "logit_bias")
+        parsed = {}
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isdigit() else key
+            if not is_int(token) or token < 0:
+                raise invalid(f"logit_bias: {key!r} is not a token id", "logit_bias")
+            if not is_number(value) or not -MAX_BIAS <= value <= MAX_BIAS:
+                raise invalid(
+                    f"logit_bias: the bias of {key} must be in -{MAX_BIAS}..{MAX_BIAS}, "
+                    f"got {value!r}",
+                    "logit_bias",
+                )
+            parsed[token] = float(value)
+        object.__setattr__(self, "logit_bias", parsed)
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            raise invalid(
+                f"min_tokens must be an integer >= 0, got {self.min_tokens!r}", "min_tokens"
+            )
+        if self.min_tokens > self.max_tokens:
+            raise conflict(
+                f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})",
+                "min_tokens",
+            )
+        if self.best_of is not None:
+            if not is_int(self.best_of) or not 1 <= self.best_of <= MAX_N:
+                raise invalid(
+                    f"best_of must be an integer in 1..{MAX_N}, got {self.best_of!r}", "best_of"
+                )
+            if self.best_of < self.n:
+                raise conflict(f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of")
+            if self.attention is not None and self.best_of > self.n:
+                raise conflict("best_of with return_attention is not supported", "best_of")
 
 
 # -- results -----------------------------------------------------------------------------------------

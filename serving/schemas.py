@@ -12,7 +12,7 @@ schema can count.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -33,9 +33,12 @@ from serving.limits import (
     DEFAULT_DECIMALS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TOP_K,
+    MAX_BIAS,
     MAX_DECIMALS,
     MAX_LOGPROBS,
     MAX_N,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_STOP,
     MAX_TEMPERATURE,
@@ -169,27 +172,70 @@ class ProbeRequest(_Strict):
     verb: Word | None = None  # the main verb, when the grammar rules do not find it
 
 
-class CompletionRequest(_Strict):
+# a token id as a JSON object key (logit_bias): decimal digits (the served schema bounds them)
+TokenKey = Annotated[StrictStr, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]
+Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+
+
+class _Sampling(_Strict):
+    """The sampling fields completions and chat completions share (OpenAI's, vLLM's extras)."""
+
     model: Text
-    prompt: Prompt  # str | list[str] | list[int] | list[list[int]]
-    max_tokens: StrictInt | None = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=1)
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: StrictBool = False
     stop: StopStrings = None  # a string is a list of one
     seed: StrictInt | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     user: Annotated[StrictStr, _Unicode] | None = None
-    # OpenAI fields without an effect here: accepted at their neutral values only
-    presence_penalty: float | None = Field(None, ge=0.0, le=0.0)
-    frequency_penalty: float | None = Field(None, ge=0.0, le=0.0)
-    best_of: StrictInt | None = Field(None, ge=1, le=1)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[TokenKey, Bias] | None = None  # token id -> bias
+    # vLLM's extras
+    top_k: StrictInt | None = Field(None, ge=-1)  # -1 or 0 (vLLM's "all"): no top-k
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    min_tokens: StrictInt = Field(0, ge=0)  # up to max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt  # str | list[str] | list[int] | list[list[int]]
+    max_tokens: StrictInt | None = Field(DEFAULT_MAX_TOKENS, ge=0)  # 0: with echo only
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
+    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)  # >= n
     # extensions
     return_attention: StrictBool | AttentionOptionsModel = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Annotated[StrictStr, _Unicode]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]  # text parts are joined
+    name: Annotated[StrictStr, _Unicode] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: StrictInt | None = Field(None, ge=1)  # OpenAI's older name
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+
+
+class TokenizeRequest(_Strict):
+    model: Text | None = None
+    prompt: Annotated[StrictStr, _Unicode]  # any text, also over the context window
+    add_special_tokens: StrictBool = True  # vLLM's; this tokenizer adds none either way
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: Text | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]  # each below the vocabulary
 
 
 def error_body(

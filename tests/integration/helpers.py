@@ -97,3 +97,10 @@ def build_tiny_artifact(out: Path, seed: int = 0, **config: object) -> Path:
     shape = {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32, **config}
     model = build_model(GPTConfig(vocab_size=tokenizer.vocab_size, **shape))
     return save_artifact(model, tokenizer, out)
+
+
+# a chat template for tokenizer_config.json: "role: content" lines, then "assistant:"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)

@@ -4,7 +4,10 @@ One check, `valid_data_accepted`, stands in for the built-in `positive_data_acce
 request valid by the schema gets a 2xx, a 401/404, ...): it also accepts a 400 whose code says
 the rejection depends on the text itself, which no JSON schema can state: a text over the
 context window in tokens (`context_length_exceeded`), a sentence in which the probe finds no
-subject or verb (`probe_failed`). Any other 400 for a valid request fails.
+subject or verb (`probe_failed`), and values each in bounds that do not go together
+(`conflicting_parameters`: `best_of` < `n`, `min_tokens` > `max_tokens`, `max_tokens` 0
+without `echo`, `best_of` with `stream`), which JSON Schema cannot relate. Any other 400 for a
+valid request fails.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-TEXT_DEPENDENT = {"context_length_exceeded", "probe_failed"}
+TEXT_DEPENDENT = {"context_length_exceeded", "probe_failed", "conflicting_parameters"}
 
 
 @schemathesis.check

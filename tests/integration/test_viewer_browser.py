@@ -104,7 +104,7 @@ class _Api:
             raise EngineError(f"the model {name!r} does not exist", param="model", status=404)
 
     def attention(self, body: Any) -> dict:
-        from serving.app import _attention_options
+        from serving.api_params import attention_options as _attention_options
         from serving.schemas import AttentionRequest
 
         req = AttentionRequest.model_validate(body)
@@ -135,7 +135,7 @@ class _Api:
         return {"model": self.engine.model_name, **dataclasses.asdict(result)}
 
     def completions(self, body: Any) -> dict:
-        from serving.app import _completion_params
+        from serving.api_params import completion_params as _completion_params
         from serving.schemas import CompletionRequest
 
         req = CompletionRequest.model_validate(body)

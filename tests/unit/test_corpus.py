@@ -103,6 +103,18 @@ def test_text_between_subject_and_verb_holds_exactly_the_modifiers():
         if s.depth == 0:
             assert s.text[s.subject_span[1] : s.verb_span[0]] == " "
         assert s.attractor == any(noun_number(n) != s.number for n in nouns), s
+        assert s.attractors == sum(noun_number(n) != s.number for n in nouns), s
+
+
+@pytest.mark.parametrize("count", [0, 1, 4])
+def test_attractor_count_can_be_set_at_any_depth(count):
+    rng = random.Random(count)
+    for _ in range(300):
+        s = generate_sentence(rng, min_depth=0, max_depth=12, attractors=count)
+        nouns = _intervening_nouns(s)
+        assert s.depth >= count and len(nouns) == s.depth
+        assert s.attractors == count == sum(noun_number(n) != s.number for n in nouns), s
+        assert s.attractor is (count > 0)
 
 
 @pytest.mark.parametrize(("min_depth", "max_depth"), [(0, 0), (2, 2), (1, 3), (0, 3), (5, 6)])
@@ -211,6 +223,9 @@ def test_bad_corpus_arguments_raise_value_error(kwargs, name, tmp_path):
         ({"max_depth": -2}, "max_depth"),
         ({"min_depth": 2, "max_depth": 1}, "min_depth"),
         ({"attractor": "yes"}, "attractor"),
+        ({"attractors": -1}, "attractors"),
+        ({"attractors": 4, "max_depth": 3}, "attractors"),
+        ({"attractors": 1, "attractor": True}, "not both"),
     ],
 )
 def test_bad_sentence_arguments_raise_value_error(kwargs, name):

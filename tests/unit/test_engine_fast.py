@@ -21,6 +21,21 @@ CASES = [
     ("The", CompletionParams(max_tokens=15, temperature=1.0, top_k=40, seed=3, stop=["e"])),
     ("The cat", CompletionParams(max_tokens=10, temperature=0, logprobs=3, echo=True)),
     ("The cat that was sitting on the mat", CompletionParams(max_tokens=64, top_p=0.9, seed=1)),
+    (  # the sampling controls: applied to the compiled step's logits as to the eager ones
+        "A dog",
+        CompletionParams(
+            max_tokens=12,
+            temperature=0.8,
+            seed=5,
+            n=2,
+            frequency_penalty=1.0,
+            presence_penalty=0.5,
+            repetition_penalty=1.3,
+            logit_bias={5: 3.0},
+            min_tokens=3,
+            logprobs=1,
+        ),
+    ),
 ]
 
 

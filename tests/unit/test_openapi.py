@@ -77,11 +77,50 @@ def test_security_only_where_a_key_is_needed(spec):
     secured = {p for p, ops in spec["paths"].items() if any("security" in o for o in ops.values())}
     assert secured == {
         "/v1/models",
+        "/v1/models/{model_id}",
         "/v1/next-token",
         "/v1/attention",
         "/v1/probe",
         "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenizer_info",
+        "/tokenize",
+        "/detokenize",
     }
+
+
+def test_evaluation_routes_state_their_bounds(spec):
+    """Token ids below the vocabulary (detokenize, logit_bias keys), top_k, min_tokens and chat's
+    max tokens up to their limits; every new route documents its errors."""
+    import re
+
+    schemas = spec["components"]["schemas"]
+    detok = schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]
+    assert (detok["minimum"], detok["maximum"]) == (0, 299)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        (bias,) = [n for n in props["logit_bias"]["anyOf"] if n.get("type") == "object"]
+        pattern = re.compile(bias["propertyNames"]["pattern"])
+        assert pattern.match("0") and pattern.match("299") and not pattern.match("300")
+        assert (
+            bias["additionalProperties"]["minimum"],
+            bias["additionalProperties"]["maximum"],
+        ) == (
+            -100,
+            100,
+        )
+        assert props["min_tokens"]["maximum"] == 64
+        assert props["frequency_penalty"]["anyOf"][0]["minimum"] == -2
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["max_completion_tokens"]["anyOf"][0]["maximum"] == 64
+    assert schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["minimum"] == 0
+    for path, method in (
+        ("/tokenize", "post"),
+        ("/detokenize", "post"),
+        ("/v1/chat/completions", "post"),
+        ("/v1/models/{model_id}", "get"),
+    ):
+        assert {"200", "404", "500", "503"} <= set(spec["paths"][path][method]["responses"])
 
 
 def test_response_models_describe_the_engine_s_results(tmp_path):

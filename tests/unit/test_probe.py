@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -11,10 +12,13 @@ import torch.nn.functional as F
 from attnlm.corpus import generate_corpus, generate_sentence
 from attnlm.model import GPTOutput
 from attnlm.probe import (
+    HARD_DISTANCE_BUCKETS,
     ItemScore,
     ProbeError,
     analyze,
     distance_bucket,
+    hard_cells,
+    hard_probe_set,
     make_item,
     probe_cells,
     probe_set,
@@ -207,3 +211,29 @@ def test_summarize_rejects_nothing_to_judge(tokenizer):
     item = analyze(tokenizer, "The cat jumped.")
     with pytest.raises(ProbeError, match="nothing to judge"):
         summarize([item], [ItemScore(-1.0, None, None)])
+
+
+def test_hard_probe_set_fills_every_cell_far_past_the_training_depth(tokenizer):
+    """Distances up to 200 tokens in a 256-token context, 0-4 attractors, held out, reproducible."""
+    items = hard_probe_set(tokenizer, per_cell=4, seed=7, block_size=256)
+    assert items == hard_probe_set(tokenizer, per_cell=4, seed=7, block_size=256)
+    cells = Counter(
+        (distance_bucket(it.distance, HARD_DISTANCE_BUCKETS), it.attractors) for it in items
+    )
+    labels = {(f"{lo}-{hi}", k) for (lo, hi), k in hard_cells()}
+    assert set(cells) == labels and set(cells.values()) == {4}
+    assert max(it.distance for it in items) > 150 and max(it.depth for it in items) > 20
+    assert all(1 + len(it.prefix_ids) + len(it.verb_ids) <= 256 for it in items)
+    assert (("1-10", 4) not in labels) and (("11-25", 4) in labels)  # 4 modifiers need >= 12
+    held = hard_probe_set(tokenizer, per_cell=4, seed=7, exclude=[items[0].text])
+    assert items[0].text not in {it.text for it in held}
+
+
+def test_summary_by_attractor_count_and_cell(tokenizer):
+    items = hard_probe_set(tokenizer, per_cell=2, seed=3, attractor_counts=(0, 2))
+    right = [ItemScore(-1.0, -2.0 if it.attractors == 0 else 0.0, None) for it in items]
+    summary = summarize(items, right, HARD_DISTANCE_BUCKETS)
+    assert summary.by_attractors[0].accuracy == 1.0 and summary.by_attractors[2].accuracy == 0.0
+    assert set(summary.by_distance) == {f"{lo}-{hi}" for lo, hi in HARD_DISTANCE_BUCKETS}
+    assert summary.by_distance_attractors[("151-200", 2)].n == 2
+    assert summary.to_dict()["by_distance_attractors"]["151-200|0"]["accuracy"] == 1.0

@@ -49,7 +49,8 @@ def test_stop_is_a_list_of_at_most_max_stop_strings():
 
 
 def test_what_pydantic_accepts_the_engine_accepts():
-    from serving.app import _attention_options, _completion_params
+    from serving.api_params import attention_options as _attention_options
+    from serving.api_params import completion_params as _completion_params
 
     for aggregation in AGGREGATIONS:
         for encoding in ENCODINGS:
@@ -71,6 +72,31 @@ def test_what_pydantic_accepts_the_engine_accepts():
     assert (params.n, params.logprobs, params.stop) == (MAX_N, MAX_LOGPROBS, ("x",))
     assert params.max_tokens == DEFAULT_MAX_TOKENS and params.top_p is None  # null: defaults
     assert params.attention is not None
+    assert (params.frequency_penalty, params.presence_penalty, params.repetition_penalty) == (
+        0.0,
+        0.0,
+        1.0,
+    )
+    extremes = CompletionRequest.model_validate(
+        {
+            "model": "m",
+            "prompt": "p",
+            "max_tokens": 0,
+            "echo": True,
+            "frequency_penalty": -2,
+            "presence_penalty": 2.0,
+            "logit_bias": {"0": -100, "12": 100.0},
+            "best_of": MAX_N,
+            "min_tokens": 0,
+            "repetition_penalty": 1e-3,
+        }
+    )
+    params = _completion_params(extremes)
+    assert params.logit_bias == {0: -100.0, 12: 100.0} and params.best_of == MAX_N
+    for everything in (-1, 0):  # vLLM's "no top-k"
+        request = CompletionRequest(model="m", prompt="p", top_k=everything)
+        assert _completion_params(request).top_k is None
+    assert (params.max_tokens, params.frequency_penalty) == (0, -2)
 
 
 def _field_errors(model, body: dict) -> list[tuple[tuple, str]]:
