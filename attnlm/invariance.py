@@ -16,9 +16,11 @@ summed over fixed blocks of keys and one query's scores summed per key (`attnlm.
 
 `check(model, batch)` runs the model's own weights through both, alone and among others, and
 says what differs: the serving engine logs it at start-up (another CPU, another torch may pick
-other kernels). Nothing here holds on other hardware than the one it ran on, nor between fp32 and
-bf16, eager and compiled, CPU and GPU: the promise is the same bits for the same request on the
-same kind of machine and software (docs/serving.md).
+other kernels). The compiled decode step sums one query's values inside its graph instead of in
+blocks (`blocked_values`): it is invariant too (tested), but its bits are not the eager step's.
+Nothing here holds across hardware, between fp32 and bf16, eager and compiled, CPU and GPU: the
+promise is the same bits for the same request on the same kind of machine and software
+(docs/serving.md).
 
     model.set_batch_invariant(True)
     problem = check(model, DecodeBatch(model, slots=32))    # None: invariant here

@@ -18,7 +18,8 @@ rollout, encoding), `serving.detok` (incremental text, stop strings, logprobs),
 
 `next_token` and `attention` batch any number of texts in one forward, packed side by side in
 rows (each text with its own positions, attending only to itself: the same numbers as alone, with
-almost no padding); an LSTM model gets right-padded length buckets instead. Completions decode
+almost no padding); an LSTM model gets right-padded length buckets instead, a batch-invariant
+engine texts padded to multiples of 16 (`attnlm.invariance`). Completions decode
 their `n` samples on the KV cache; those in flight at the same time share each decode step
 (`serving.decoder.DecodeBatcher`, on the compiled decode step with `compile=True`), except
 requests for attention maps, which go through `attnlm.generate.stream` alone. The served

@@ -71,7 +71,7 @@ class TextForwards:
         self.vocab_size = vocab_size  # the tokenizer's: logits past it are cut off
         self.max_context = max_context
         self.device = device
-        self.batch_invariant = batch_invariant  # length buckets padded as `attnlm.invariance`
+        self.batch_invariant = batch_invariant  # padded as `attnlm.invariance` says, not packed
 
     def padded(self, rows: list[list[int]], return_attention: bool = False) -> GPTOutput:
         """One forward over right-padded rows; logits cut to the tokenizer's vocabulary."""
