@@ -193,14 +193,8 @@ def save_artifact(
     return out
 
 
-def load_artifact(
-    path: str | os.PathLike,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Artifact:
-    """Load a GPT-2 folder written by `save_artifact` (or any GPT-2 folder of this shape) with
-    safetensors only. Raises ArtifactError with a clear message on anything amiss."""
-    folder = Path(path)
+def _read_folder(folder: Path) -> tuple[GPTConfig, Tokenizer]:
+    """The config.json (as written: not cropped) and tokenizer of a model folder, checked."""
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder not found: {folder}")
     for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE):
@@ -222,6 +216,31 @@ def load_artifact(
             f"artifact {folder}: tokenizer has {tokenizer.vocab_size} tokens but config.json "
             f"vocab_size is {config.vocab_size}"
         )
+    return config, tokenizer
+
+
+def read_model_folder(path: str | os.PathLike) -> tuple[GPTConfig, Path, int]:
+    """(the model's config, its tokenizer.json, the tokenizer's vocabulary size) of a model
+    folder, without reading the weights; the config's vocab_size is the tokenizer's, as
+    `load_artifact` crops it. Raises ArtifactError as `load_artifact` does."""
+    folder = Path(path)
+    config, tokenizer = _read_folder(folder)
+    return (
+        replace(config, vocab_size=tokenizer.vocab_size),
+        folder / TOKENIZER_FILE,
+        tokenizer.vocab_size,
+    )
+
+
+def load_artifact(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Artifact:
+    """Load a GPT-2 folder written by `save_artifact` (or any GPT-2 folder of this shape) with
+    safetensors only. Raises ArtifactError with a clear message on anything amiss."""
+    folder = Path(path)
+    config, tokenizer = _read_folder(folder)
     try:
         hf_state = load_file(folder / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError) as err:

@@ -8,6 +8,8 @@ by key onto Hugging Face's `GPT2LMHeadModel` (whose Conv1D weights are the trans
     model = GPT(GPTConfig(vocab_size=512))
     out = model(idx)                                  # out.logits: (B, T, vocab_size)
     out = model(idx, return_attention=True)           # out.attention: (n_layer, B, n_head, T, T)
+    out = model(idx, return_attention=True, attention_layers=[3])  # (1, B, n_head, T, T)
+    model(idx, attention_sink=lambda layer, q, k: ...)  # every layer's q, k; all through SDPA
 
 Attention is computed in one place, `CausalSelfAttention.attend`: through
 `F.scaled_dot_product_attention` by default, through an explicit softmax(QK^T/sqrt(d)) that also
@@ -27,7 +29,9 @@ position and cache checks, optimizer_groups).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn as nn
@@ -36,6 +40,10 @@ import torch.nn.functional as F
 from attnlm.additive import additive_scores
 from attnlm.config import GPTConfig
 from attnlm.lm import GPTOutput, cache_length, check_positions, lm_loss, optimizer_groups
+
+# receives a layer's queries (B, nh, T, hs) and keys (B, nh, T_k, hs); with the layer's index first
+QKSink = Callable[[torch.Tensor, torch.Tensor], None]
+AttentionSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class KVCache(nn.Module):
@@ -192,10 +200,13 @@ class CausalSelfAttention(nn.Module):
         row_positions: torch.Tensor | None = None,
         return_attention: bool = False,
         mask: torch.Tensor | None = None,
+        qk_sink: QKSink | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, C). Returns y (B, T, C) and, if asked, probabilities (B, nh, T, T_k).
         The cache takes positions input_pos.. or one position per row (row_positions (B,), with
-        `mask` (B, 1, 1, T_k)); `mask` (B, 1, T, T) alone replaces the causal one (packed)."""
+        `mask` (B, 1, 1, T_k)); `mask` (B, 1, T, T) alone replaces the causal one (packed).
+        `qk_sink(q, k)`, if given, receives this layer's queries (B, nh, T, hs) and keys
+        (B, nh, T_k, hs) before attending."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -208,6 +219,8 @@ class CausalSelfAttention(nn.Module):
                 k, v = self.kv_cache.update_rows(row_positions, k, v, mask.size(-1))
             else:
                 k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T_k, hs)
+        if qk_sink is not None:
+            qk_sink(q, k)
         y, att = self.attend(q, k, v, return_attention, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), att
@@ -245,16 +258,8 @@ class CausalSelfAttention(nn.Module):
                     mask = causal_mask(t_query, t_key, q.device)  # (T, T_k)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             return y, None  # (B, nh, T, hs)
-        if self.additive:
-            scores = self.additive_scores(q, k)  # (B, nh, T, T_k) float32
-        elif self.batch_invariant and t_query == 1:
-            scores = key_scores(q, k) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, T_k)
-        else:
-            scale = 1.0 / math.sqrt(q.size(-1))
-            scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, nh, T, T_k)
         allowed = causal_mask(t_query, t_key, q.device) if mask is None else mask
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        att = F.softmax(scores, dim=-1)  # (B, nh, T, T_k)
+        att = self.probabilities(q, k, allowed)  # (B, nh, T, T_k)
         weights = F.dropout(att, p=dropout_p, training=self.training) if dropout_p else att
         if self.batch_invariant:
             y = blocked_values(weights, v)  # (B, nh, T, hs)
@@ -262,10 +267,41 @@ class CausalSelfAttention(nn.Module):
             y = weights.to(v.dtype) @ v  # (B, nh, T, hs)
         return y, att if return_attention else None
 
-    def additive_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def probabilities(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        allowed: torch.Tensor,
+        heads: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Attention probabilities of q (B, h, T, hs) over k (B, h, T_k, hs) where `allowed`
+        (broadcast to (B, h, T, T_k), bool) is True: the explicit path's softmax, also used to
+        compute maps from q and k kept after an SDPA forward (`attention_sink`). `heads`: which
+        of this layer's heads q and k hold (default all; additive scoring has weights per head,
+        and takes the queries as the last T of T_k positions).
+
+        Returns:
+            (B, h, T, T_k) float32, exact zeros where not allowed.
+        """
+        if self.additive:
+            scores = self.additive_scores(q, k, heads)  # (B, h, T, T_k) float32
+        elif self.batch_invariant and q.size(-2) == 1:  # one query: no GEMV (`key_scores`)
+            scores = key_scores(q, k).mul_(1.0 / math.sqrt(q.size(-1)))  # (B, h, 1, T_k)
+        else:  # in place on the fresh scores: a long text's maps are large
+            scores = (q @ k.transpose(-2, -1)).float()  # (B, h, T, T_k)
+            scores.mul_(1.0 / math.sqrt(q.size(-1)))
+        return F.softmax(scores.masked_fill_(~allowed, float("-inf")), dim=-1)  # (B, h, T, T_k)
+
+    def additive_scores(
+        self, q: torch.Tensor, k: torch.Tensor, heads: list[int] | None = None
+    ) -> torch.Tensor:
         """Bahdanau scores v^T tanh(W_q q + W_k k) for every query/key pair the causal mask lets
-        through: (B, nh, T, T_k) float32, in blocks of queries (`attnlm.additive`)."""
-        return additive_scores(q, k, self.add_q, self.add_k, self.add_v)
+        through: (B, nh, T, T_k) float32, in blocks of queries (`attnlm.additive`); `heads`:
+        which heads q and k hold (default all)."""
+        add_q, add_k, add_v = self.add_q, self.add_k, self.add_v
+        if heads is not None:
+            add_q, add_k, add_v = add_q[heads], add_k[heads], add_v[heads]
+        return additive_scores(q, k, add_q, add_k, add_v)
 
 
 class MLP(nn.Module):
@@ -297,8 +333,9 @@ class Block(nn.Module):
         row_positions: torch.Tensor | None = None,
         return_attention: bool = False,
         mask: torch.Tensor | None = None,
+        qk_sink: QKSink | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, att = self.attn(self.ln_1(x), input_pos, row_positions, return_attention, mask)
+        a, att = self.attn(self.ln_1(x), input_pos, row_positions, return_attention, mask, qk_sink)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, att
@@ -358,6 +395,8 @@ class GPT(nn.Module):
         key_length: int | None = None,
         return_attention: bool = False,
         segments: torch.Tensor | None = None,
+        attention_layers: Collection[int] | None = None,
+        attention_sink: AttentionSink | None = None,
     ) -> GPTOutput:
         """Next-token logits for every position.
 
@@ -376,10 +415,18 @@ class GPT(nn.Module):
             segments: (B, T) ids for packed rows (`segment_starts`): several texts per row, each
                 with its own positions from 0 and attending only to itself, as if it were alone
                 (batched serving without padding). Not with the cache.
+            attention_layers: the layers (ascending indices) that take the explicit path with
+                return_attention and whose q, k go to attention_sink; default all. The others
+                run SDPA, so asking for one layer's map costs one layer's explicit attention.
+            attention_sink: `sink(layer, q, k)` receives each of attention_layers' queries
+                (B, nh, T, hs) and keys (B, nh, T_k, hs) (after projection, before attending):
+                maps can be computed later, and in parts, with that layer's
+                `CausalSelfAttention.probabilities` (serving's attention selections do).
 
         Returns:
-            GPTOutput(logits (B, T, V), loss or None, attention (n_layer, B, nh, T, T_k) or None),
-            with T_k = input_pos + T, or key_length or max(row_positions) + 1, or T.
+            GPTOutput(logits (B, T, V), loss or None, attention (n_attention_layers, B, nh, T,
+            T_k) or None), with T_k = input_pos + T, or key_length or max(row_positions) + 1,
+            or T; n_attention_layers = n_layer, or len(attention_layers).
         """
         B, T = idx.shape
         mask = None  # plain or input_pos: causal over the last T keys (SDPA's fast paths)
@@ -407,15 +454,31 @@ class GPT(nn.Module):
         x = self.transformer.drop(
             self.transformer.wte(idx) + self.transformer.wpe(pos)
         )  # (B, T, C)
+        chosen = range(len(self.transformer.h)) if attention_layers is None else attention_layers
+        chosen = self._attention_layers(chosen)
         attentions = []
-        for block in self.transformer.h:
-            x, att = block(x, input_pos, row_positions, return_attention, mask)
-            attentions.append(att)
+        for i, block in enumerate(self.transformer.h):
+            explicit = return_attention and i in chosen
+            sink = None
+            if attention_sink is not None and i in chosen:
+                sink = functools.partial(attention_sink, i)
+            x, att = block(x, input_pos, row_positions, explicit, mask, sink)
+            if explicit:
+                attentions.append(att)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = lm_loss(logits, targets)
-        attention = torch.stack(attentions) if return_attention else None  # (L, B, nh, T, T_k)
+        attention = torch.stack(attentions) if attentions else None  # (L', B, nh, T, T_k)
         return GPTOutput(logits, loss, attention)
+
+    def _attention_layers(self, layers: Collection[int]) -> frozenset[int]:
+        n = len(self.transformer.h)
+        layers = list(layers)
+        if not all(isinstance(i, int) and 0 <= i < n for i in layers) or layers != sorted(
+            set(layers)
+        ):
+            raise ValueError(f"attention_layers must be ascending indices in 0..{n - 1}: {layers}")
+        return frozenset(layers)
 
     @property
     def batch_invariant(self) -> bool:

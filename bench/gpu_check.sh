@@ -36,3 +36,38 @@ for r in csv.DictReader(open("/tmp/small/logs/version_0/metrics.csv")):
     if r.get("tokens_per_sec") or r.get("val_loss"):
         print({k: v[:8] for k, v in r.items() if v})
 PY
+
+# -- issue 14: GPT-2 124M on one GPU, the small config to a stated val loss, DDP on every GPU --
+echo "== 124M shape, one GPU, bf16-mixed + compile: tokens/s and MFU vs the measured bf16 peak"
+timeout 300 python3 bench/train_throughput.py --device cuda --compile --shapes gpt2-124m \
+  --precisions bf16-mixed --repeats 1 --float32-matmul-precision high \
+  --json "$OUT/train_124m.json" 2>&1 | grep -v Warning | tail -20
+
+echo "== configs/gpt2-124m.yaml itself: 6 optimizer steps of 524,288 tokens on one GPU"
+timeout 400 python3 -m training.cli fit --config configs/gpt2-124m.yaml --trainer.devices 1 \
+  --trainer.max_steps 6 --trainer.log_every_n_steps 2 --trainer.enable_progress_bar false \
+  --global_batch.val_every_steps 6 --data.corpus_sentences 300000 \
+  --trainer.default_root_dir /tmp/g124 2>&1 | grep -v Warning | tail -12
+python3 - <<'PY'
+import csv
+for r in csv.DictReader(open("/tmp/g124/logs/version_0/metrics.csv")):
+    if r.get("tokens_per_sec") or r.get("val_loss"):
+        print({k: v[:8] for k, v in r.items() if v})
+PY
+
+echo "== small config (nanoGPT Shakespeare-char shape) on the built-in corpus, all GPUs (DDP): time to val loss"
+START=$(date +%s)
+timeout 300 python3 -m training.cli fit --config configs/small.yaml --trainer.devices -1 \
+  --trainer.max_steps 1000 --trainer.val_check_interval 100 --trainer.limit_val_batches 10 \
+  --trainer.log_every_n_steps 50 --trainer.enable_progress_bar false --model.compile true \
+  --data.corpus_sentences 200000 --trainer.default_root_dir /tmp/smallddp 2>&1 | grep -v Warning | tail -8
+echo "wall $(( $(date +%s) - START )) s (compile and data included)"
+python3 - <<'PY'
+import csv
+rows = list(csv.DictReader(open("/tmp/smallddp/logs/version_0/metrics.csv")))
+for r in rows:
+    if r.get("val_loss"):
+        print("step", r["step"], "val_loss", r["val_loss"][:6])
+speeds = [float(r["tokens_per_sec"]) for r in rows if r.get("tokens_per_sec")]
+print("tokens/s (all GPUs), median of logged windows:", sorted(speeds)[len(speeds) // 2] if speeds else None)
+PY

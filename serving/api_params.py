@@ -28,6 +28,9 @@ def attention_options(source: AttentionOptionsModel | bool | None) -> AttentionO
         aggregation=source.aggregation,
         encoding=source.encoding,
         decimals=source.decimals,
+        rows=source.rows,
+        pool=source.pool,
+        top_keys=source.top_keys,
     )
 
 

@@ -41,13 +41,13 @@ from serving.http import (
     ActiveRequests,
     BodyLimit,
     ErrorGuard,
-    dumps,
     error_response,
     error_type,
     install_error_handlers,
     internal_error_body,
     logger,
     request_id,
+    sse_event,
 )
 from serving.metrics import ServerMetrics
 from serving.openapi import (
@@ -70,7 +70,7 @@ from serving.openapi import (
     responses,
 )
 from serving.params import CompletionDelta, Deadline
-from serving.responses import as_chat, attention_dict, chat_chunk, completion_chunk
+from serving.responses import as_chat, chat_chunk, completion_chunk
 from serving.schemas import (
     AttentionRequest,
     ChatCompletionRequest,
@@ -90,10 +90,12 @@ DEFAULTS = ServerSettings()  # the user_config a deployment starts with
 
 
 class Timed(NamedTuple):
-    """An endpoint's JSON content and the seconds its engine call took (Server-Timing)."""
+    """An endpoint's JSON content and the seconds its engine call took (Server-Timing), and
+    whether the attention q/k cache had the text ("hit" | "miss"; None: no cache)."""
 
     content: Any
     engine_s: float
+    cache: str | None = None
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
@@ -132,7 +134,7 @@ def _error_event(err: Exception) -> str:
         rid = request_id()
         logger.exception("stream of request %s failed with an unexpected error", rid)
         body = internal_error_body(rid)
-    return f"data: {dumps(body).decode()}\n\n"
+    return sse_event(body)
 
 
 def _replica_name() -> str:
@@ -201,8 +203,12 @@ class AttnLMServer:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config (`ServerSettings`): batch size and wait of the batched forwards, the
-        in-flight bound, the completions' time limit; keys left out keep their defaults."""
+        in-flight bound, the completions' time limit, the attention cache's and answers' bytes;
+        keys left out keep their defaults."""
         self.settings = ServerSettings.from_user_config(config)
+        self.engine.configure_attention(
+            self.settings.attention_cache_bytes, self.settings.max_attention_bytes
+        )
         for batched in (self._next_token_batch, self._attention_batch):
             batched.set_max_batch_size(self.settings.max_batch_size)
             batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
@@ -225,7 +231,8 @@ class AttnLMServer:
 
         Non-streamed answers carry a `Server-Timing` header: `app` is the time inside the
         replica, `engine` (next-token, attention, probe) the engine call that served it (a
-        batched forward's whole time for each request in the batch)."""
+        batched forward's whole time for each request in the batch), and for attention
+        `attention_cache` whether the replica's q/k cache had the text."""
         self.metrics.request(endpoint)
         if self.in_flight >= self.settings.max_in_flight:
             self.metrics.error(endpoint, 503)
@@ -255,6 +262,8 @@ class AttnLMServer:
         timing = f"app;dur={1e3 * elapsed:.3f}"
         if isinstance(result, Timed):
             timing = f"engine;dur={1e3 * result.engine_s:.3f}, {timing}"
+            if result.cache is not None:
+                timing += f', attention_cache;desc="{result.cache}"'
             result = result.content
         response = result if isinstance(result, Response) else JSON(result)
         response.headers["Server-Timing"] = timing
@@ -418,12 +427,13 @@ class AttnLMServer:
             self._check_model(request.model)
             att_map, secs = await self._forward(
                 self.engine.attention,
-                self.engine.check_attention_options,
+                lambda options: self.engine.check_attention_request(request.text, options),
                 self._attention_batch,
                 request.text,
                 attention_options(request),
             )
-            return Timed({"model": self.engine.model_name, **attention_dict(att_map)}, secs)
+            body = {"model": self.engine.model_name, **att_map.body()}
+            return Timed(body, secs, att_map.cache)
 
         return await self._admit("attention", work)
 
@@ -565,7 +575,7 @@ class AttnLMServer:
                     "model": self.engine.model_name,
                     "choices": [choice],
                 }
-                yield f"data: {dumps(chunk).decode()}\n\n"
+                yield sse_event(chunk)
         self.metrics.generated(generated)
         yield "data: [DONE]\n\n"
 

@@ -1,23 +1,42 @@
 """Attention maps as the API returns them: the requested layers and heads of a model's map, per
-head, as their mean or as attention rollout, encoded as JSON values or base64 float16 bytes.
+head, as their mean or as attention rollout, encoded as JSON values or base64 float16 bytes; for
+long texts only the rows, pooled overview or top keys asked for (`serving.attention_select`).
 
-    attention_map(tokenizer, config, ids, att, AttentionOptions(aggregation="rollout"))
+    attention_map(tokenizer, config, ids, options, att=att)             # from a whole map
+    attention_map(tokenizer, config, ids, options, qk=qk, blocks=blocks)  # from kept q, k
 
-`att` is one text's map (L, H, T, T) from the model's explicit attention path; nothing here runs
-the model.
+`att` is one text's map (L, H, T, T) from the model's explicit attention path; `qk` one text's
+queries and keys per layer ((H, T, hs) each, `GPT.forward(attention_sink=...)`), from which only
+the layers, heads and rows asked for are computed, one layer at a time, with the layer's own
+softmax (`CausalSelfAttention.probabilities`): never every layer's (H, T, T) map at once when less
+was asked. Nothing here runs the model forward.
 """
 
 from __future__ import annotations
 
 import base64
+import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from attnlm.config import GPTConfig
 from attnlm.tokenizer import Tokenizer
+from serving.attention_select import (
+    encode_keys,
+    pool_block,
+    pool_maps,
+    pool_maps_rect,
+    resolve_rows,
+    top_keys,
+)
 from serving.limits import AGGREGATIONS, ENCODINGS
 from serving.params import AttentionMap, AttentionOptions, EngineError, invalid
+
+QK = tuple[torch.Tensor, torch.Tensor]  # one layer's q (H, T, hs) and k (H, T, hs)
+POOL_CHUNK_ROWS = 256  # query rows a pooled overview computes at once
 
 
 def rollout(att: torch.Tensor) -> torch.Tensor:
@@ -27,9 +46,14 @@ def rollout(att: torch.Tensor) -> torch.Tensor:
     Returns:
         (L, T, T): R after each layer; every row sums to 1.
     """
-    T = att.size(-1)
-    eye = torch.eye(T, dtype=att.dtype, device=att.device)  # (T, T)
-    mixed = 0.5 * att.mean(dim=1) + 0.5 * eye  # (L, T, T)
+    return rollout_of_means(att.mean(dim=1))
+
+
+def rollout_of_means(means: torch.Tensor) -> torch.Tensor:
+    """`rollout` from each layer's head mean (L, T, T) instead of every head's map."""
+    T = means.size(-1)
+    eye = torch.eye(T, dtype=means.dtype, device=means.device)  # (T, T)
+    mixed = 0.5 * means + 0.5 * eye  # (L, T, T)
     mixed = mixed / mixed.sum(dim=-1, keepdim=True)
     result, maps = eye, []
     for layer_map in mixed:
@@ -99,17 +123,122 @@ def check_attention_options(config: GPTConfig, options: AttentionOptions, model_
             )
 
 
+def maps_from_qk(
+    blocks: Sequence[nn.Module],
+    qk: Sequence[QK | None],
+    layers: list[int],
+    heads: list[int],
+    aggregation: str,
+    rows: list[int] | None,
+    dtype: torch.dtype,
+) -> Iterator[torch.Tensor]:
+    """The selected maps of one text, one selected layer at a time, from its kept q and k
+    (converted to `dtype`, the model's compute dtype). Yields (h, R, T) per layer ("none") or
+    (R, T) ("mean", "rollout"), R the rows asked for (default all T)."""
+    q0 = next(pair[0] for pair in qk if pair is not None)
+    T, device = q0.size(1), q0.device
+    keys = torch.arange(T, device=device)  # (T,)
+    subset = None if heads == list(range(q0.size(0))) else heads
+
+    def probabilities(layer: int, query_rows: list[int] | None) -> torch.Tensor:
+        q, k = qk[layer]
+        q, k = q[heads].to(dtype), k[heads].to(dtype)  # (h, T, hs)
+        attn = blocks[layer].attn
+        if query_rows is not None and attn.additive:  # its blocks take the queries in order
+            every = attn.probabilities(q[None], k[None], keys <= keys[:, None], subset)[0]
+            return every[:, query_rows]  # (h, R, T)
+        positions = keys if query_rows is None else torch.tensor(query_rows, device=device)
+        if query_rows is not None:
+            q = q[:, query_rows]  # (h, R, hs)
+        allowed = keys <= positions[:, None]  # (R, T)
+        return attn.probabilities(q[None], k[None], allowed, subset)[0]  # (h, R, T)
+
+    if aggregation == "rollout":  # every layer up to the last asked, whole maps
+        means = [probabilities(i, None).mean(dim=0) for i in range(max(layers) + 1)]
+        mixed = rollout_of_means(torch.stack(means))  # (L', T, T)
+        for layer in layers:
+            yield mixed[layer] if rows is None else mixed[layer][rows]
+        return
+    for layer in layers:
+        maps = probabilities(layer, rows)  # (h, R, T)
+        yield maps.mean(dim=0) if aggregation == "mean" else maps
+
+
+def pooled_from_qk(
+    blocks: Sequence[nn.Module],
+    qk: Sequence[QK | None],
+    layers: list[int],
+    heads: list[int],
+    aggregation: str,
+    size: int,
+    dtype: torch.dtype,
+) -> Iterator[torch.Tensor]:
+    """`pool_maps` of the selected maps ("none" or "mean") of one text, from its kept q and k,
+    one selected layer at a time: (h, n, n) or (n, n). Computed a few hundred query rows at a
+    time over the keys they see only (causal: about half of each map), never a whole map."""
+    q0 = next(pair[0] for pair in qk if pair is not None)
+    T, device = q0.size(1), q0.device
+    block = pool_block(T, size)
+    n = math.ceil(T / block)
+    chunk = block * max(1, POOL_CHUNK_ROWS // block)  # query rows per step, whole blocks
+    keys = torch.arange(T, device=device)  # (T,)
+    subset = None if heads == list(range(q0.size(0))) else heads
+    for layer in layers:
+        q, k = qk[layer]
+        q, k = q[heads].to(dtype), k[heads].to(dtype)  # (h, T, hs)
+        pooled = torch.zeros(len(heads), n, n, device=device)  # (h, n, n)
+        for start in range(0, T, chunk):
+            end = min(start + chunk, T)
+            allowed = keys[:end] <= keys[start:end, None]  # (c, end)
+            attn = blocks[layer].attn
+            part = attn.probabilities(q[None, :, start:end], k[None, :, :end], allowed, subset)
+            cells = pool_maps_rect(part[0], block)  # (h, c / block, end / block)
+            pooled[:, start // block : start // block + cells.size(-2), : cells.size(-1)] = cells
+        yield pooled.mean(dim=0) if aggregation == "mean" else pooled
+
+
+def stacked(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """The layers' maps along a new first axis (one layer: a view, no copy of its map)."""
+    return per_layer[0][None] if len(per_layer) == 1 else torch.stack(per_layer)
+
+
 def attention_map(
     tokenizer: Tokenizer,
     config: GPTConfig,
     token_ids: list[int],
-    att: torch.Tensor,
     options: AttentionOptions,
+    *,
+    att: torch.Tensor | None = None,
+    qk: Sequence[QK | None] | None = None,
+    blocks: Sequence[nn.Module] | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache: str | None = None,
 ) -> AttentionMap:
-    """The selected, aggregated and encoded map of one text's att (L, H, T, T) (options checked)."""
+    """The selected, aggregated, reduced (rows, pool, top keys) and encoded map of one text
+    (options checked), from its whole map att (L, H, T, T) or from its kept q, k (`qk`, with
+    the model's `blocks` and compute `dtype`: see `maps_from_qk`)."""
     layers = list(range(config.n_layer)) if options.layers is None else options.layers
     heads = list(range(config.n_head)) if options.heads is None else options.heads
-    data = select_attention(att, layers, heads, options.aggregation)
+    rows = resolve_rows(options.rows, len(token_ids))
+    block, pooled = None, False  # with pool: tokens per side of a cell; pooled already
+    if att is not None:
+        selected = select_attention(att, layers, heads, options.aggregation)
+        per_layer = iter(selected if rows is None else selected[..., rows, :])
+    elif options.pool is not None and options.aggregation != "rollout":
+        # straight to the pooled cells, from the causal half of each map only
+        args = (layers, heads, options.aggregation, options.pool, dtype)
+        per_layer = pooled_from_qk(blocks, qk, *args)
+        block, pooled = pool_block(len(token_ids), options.pool), True
+    else:
+        per_layer = maps_from_qk(blocks, qk, layers, heads, options.aggregation, rows, dtype)
+    values, keys = [], []
+    for maps in per_layer:  # reduced layer by layer: one layer's maps at a time
+        if options.pool is not None and not pooled:
+            maps, block = pool_maps(maps, options.pool)
+        elif options.top_keys is not None:
+            maps, positions = top_keys(maps, options.top_keys)
+            keys.append(positions)
+        values.append(maps)
     return AttentionMap(
         tokens=tokenizer.token_strings(token_ids),
         token_ids=list(token_ids),
@@ -118,5 +247,9 @@ def attention_map(
         layers=list(layers),
         heads=list(heads),
         aggregation=options.aggregation,
-        attention=encode_array(data, options.encoding, options.decimals),
+        attention=encode_array(stacked(values), options.encoding, options.decimals),
+        rows=rows,
+        pool_block=block,
+        keys=encode_keys(stacked(keys), options.encoding) if keys else None,
+        cache=cache,
     )

@@ -33,7 +33,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,12 +45,18 @@ from attnlm.batching import DecodeBatch
 from attnlm.fastdecode import preferred_dtype
 from attnlm.generate import SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
+from serving.attention_cache import QKCache
 from serving.attention_maps import attention_map, check_attention_options
+from serving.attention_select import check_answer_size
 from serving.chat import ChatTemplate, no_chat_template
 from serving.decoder import DecodeBatcher, DecodeModel
 from serving.detok import Row, join_logprobs, logprobs_dict, prompt_logprobs, token_records
 from serving.forwards import TextForwards
-from serving.limits import DEFAULT_TOP_K
+from serving.limits import (
+    DEFAULT_ATTENTION_CACHE_BYTES,
+    DEFAULT_MAX_ATTENTION_BYTES,
+    DEFAULT_TOP_K,
+)
 from serving.params import (
     AttentionMap,
     AttentionOptions,
@@ -132,6 +138,8 @@ class Engine:
         max_tokens_limit: int | None = None,
         compile: bool = False,
         batch_invariant: bool = False,
+        attention_cache_bytes: int = DEFAULT_ATTENTION_CACHE_BYTES,
+        max_attention_bytes: int = DEFAULT_MAX_ATTENTION_BYTES,
     ) -> None:
         """Load `artifact` (an `attnlm export` folder); ArtifactError propagates.
 
@@ -149,6 +157,7 @@ class Engine:
                 shapes; checked
                 here on the model's weights (`invariance_problem`, logged, says what failed).
                 Transformers only.
+            attention_cache_bytes, max_attention_bytes: see `configure_attention`.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
@@ -186,6 +195,8 @@ class Engine:
         if not is_int(max_tokens_limit) or max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
         self.max_tokens_limit = max_tokens_limit
+        self._qk_cache = QKCache(0)
+        self.configure_attention(attention_cache_bytes, max_attention_bytes)
         self._lock = threading.Lock()  # held by KV-cache forwards (see DecodeModel)
         # completions without attention maps decode together across requests; an LSTM cannot
         self._batcher = None
@@ -197,6 +208,24 @@ class Engine:
             self.invariance_problem = invariance.check(self.model, batch)
             if self.invariance_problem is not None:
                 log.warning("batch_invariant does not hold here: %s", self.invariance_problem)
+
+    def configure_attention(self, cache_bytes: int, max_answer_bytes: int) -> None:
+        """The bytes of recent texts' q and k kept for their next attention request (float16,
+        least recently used out; 0: none kept, `serving.attention_cache`) and the most bytes one
+        attention answer may carry (over it: a 400 `answer_too_large`); ValueError if bad."""
+        if (
+            isinstance(max_answer_bytes, bool)
+            or not is_int(max_answer_bytes)
+            or max_answer_bytes < 1
+        ):
+            raise ValueError(
+                f"max_attention_bytes must be an integer >= 1, got {max_answer_bytes!r}"
+            )
+        if self._forwards.batch_invariant and cache_bytes:  # a hit's float16 q, k: other bits
+            log.info("batch_invariant: no attention cache (attention_cache_bytes %d)", cache_bytes)
+            cache_bytes = 0
+        self._qk_cache.resize(cache_bytes)
+        self.max_attention_bytes = max_answer_bytes
 
     # -- validation ---------------------------------------------------------------------------------
     def encode(self, text: str | list[int], param: str = "text") -> list[int]:
@@ -238,6 +267,21 @@ class Engine:
         without attention maps, "out_of_range" for a layer or head it does not have."""
         check_attention_options(self.config, options, self.model_name)
 
+    def check_attention_request(self, text: str, options: AttentionOptions) -> list[int]:
+        """The text's token ids, after every check an attention request gets before its forward:
+        the options (`check_attention_options`), the text, the answer's size for its length."""
+        self.check_attention_options(options)
+        ids = self.encode(text)
+        check_answer_size(
+            options,
+            len(ids),
+            self.config.n_layer,
+            self.config.n_head,
+            self.max_attention_bytes,
+            "text",
+        )
+        return ids
+
     def check_top_k(self, top_k: int) -> None:
         """EngineError unless 1 <= top_k <= the tokenizer's vocabulary (next-token alternatives)."""
         vocab = self.tokenizer.vocab_size
@@ -260,9 +304,15 @@ class Engine:
                 param="max_tokens",
                 code="invalid_value",
             )
+        ids = self.encode(prompt, param="prompt")
         if params.attention is not None:
             self.check_attention_options(params.attention)
-        return self.encode(prompt, param="prompt")
+            longest = min(len(ids) + params.max_tokens, self.max_context)
+            config, limit = self.config, self.max_attention_bytes
+            check_answer_size(
+                params.attention, longest, config.n_layer, config.n_head, limit, "return_attention"
+            )
+        return ids
 
     # -- one-forward endpoints ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -300,7 +350,9 @@ class Engine:
         texts: Sequence[str | AttentionQuery],
         options: Sequence[AttentionOptions] | AttentionOptions | None = None,
     ) -> list[AttentionMap]:
-        """Attention maps of texts from batched forwards (length buckets).
+        """Attention maps of texts: another selection of a text in the q/k cache is computed
+        from its kept q, k; the others from one packed SDPA forward that keeps q and k
+        (`serving.attention_maps`: only the layers, heads and rows asked for are computed).
 
         Args:
             texts: strings, or AttentionQuery (text + options; then `options` is left out).
@@ -315,24 +367,73 @@ class Engine:
         for i, text in enumerate(texts):
             if isinstance(text, AttentionQuery):
                 texts[i], options[i] = text.text, text.options
-        for opts in options:
-            self.check_attention_options(opts)
-        rows = [self.encode(text) for text in texts]
-        if not rows:
-            return []
+        rows = [self.check_attention_request(t, o) for t, o in zip(texts, options, strict=True)]
         maps: list[AttentionMap | None] = [None] * len(rows)
-        for placements, out in self._forwards.batches(rows, return_attention=True):
-            att = out.attention  # (L, rows, H, T, T)
-            for i, r, s in placements:
-                n = len(rows[i])
-                maps[i] = attention_map(
-                    self.tokenizer,
-                    self.config,
-                    rows[i],
-                    att[:, r, :, s : s + n, s : s + n],
-                    options[i],
-                )
+        cache = self._qk_cache if self._qk_cache.enabled else None
+        for i, ids in enumerate(rows):  # another selection of a recent text: no forward
+            entry = cache.get(ids) if cache is not None else None
+            if entry is not None:
+                maps[i] = self._map_from_qk(ids, entry, options[i], "hit")
+        missing = [i for i, m in enumerate(maps) if m is None]
+        if missing:
+            self._attention_forward(
+                [rows[i] for i in missing], [options[i] for i in missing], cache, maps, missing
+            )
         return maps
+
+    def _attention_forward(
+        self,
+        rows: list[list[int]],
+        options: list[AttentionOptions],
+        cache: QKCache | None,
+        maps: list[AttentionMap | None],
+        where: list[int],
+    ) -> None:
+        """One packed SDPA forward over `rows` up to the q, k of the layers needed (all with
+        the cache on, which keeps them; `TextForwards.keep_qk`: no logits); each text's map
+        computed from its own q, k, into maps[where[j]] for rows[j]."""
+        L = self.config.n_layer
+        if cache is not None:
+            layers = list(range(L))
+        else:
+            needed = set()
+            for opts in options:
+                chosen = range(L) if opts.layers is None else opts.layers
+                top = max(chosen) + 1 if opts.aggregation == "rollout" else 0
+                needed.update(chosen, range(top))
+            layers = sorted(needed)
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def sink(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+            kept[layer] = (q, k)  # (B, H, T, hs) each
+
+        for group in self._forwards.groups(rows):  # one group, but in batch-invariant mode
+            kept.clear()
+            placements = self._forwards.keep_qk([rows[j] for j in group], layers, sink)
+            for g, r, s in placements:
+                j = group[g]
+                n = len(rows[j])
+                qk = [None] * L
+                for layer, (q, k) in kept.items():
+                    qk[layer] = (q[r, :, s : s + n], k[r, :, s : s + n])  # (H, n, hs)
+                status = None if cache is None else "miss"
+                maps[where[j]] = self._map_from_qk(rows[j], qk, options[j], status)
+                if cache is not None:
+                    cache.put(rows[j], qk)
+
+    def _map_from_qk(
+        self, ids: list[int], qk: list, options: AttentionOptions, cache: str | None
+    ) -> AttentionMap:
+        return attention_map(
+            self.tokenizer,
+            self.config,
+            ids,
+            options,
+            qk=qk,
+            blocks=self.model.transformer.h,
+            dtype=self.dtype,
+            cache=cache,
+        )
 
     # -- probe -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -367,7 +468,7 @@ class Engine:
                 logprobs=logprobs,
             )
             if params.attention is not None:
-                attention = asdict(self._row_attention(run, index))
+                attention = self._row_attention(run, index).body()
                 choice.tokens, choice.attention = attention["tokens"], attention
             choices.append(choice)
         return Completion(
@@ -419,7 +520,7 @@ class Engine:
         if row.finish_reason is not None:
             row.closed = True
             if run.params.attention is not None:
-                attention = asdict(self._row_attention(run, index))
+                attention = self._row_attention(run, index).body()
                 delta.tokens, delta.attention = attention["tokens"], attention
         return delta
 
@@ -500,4 +601,4 @@ class Engine:
             )[:, 0]  # (L, H, T + g, T + g)
         else:  # the prompt filled the context: nothing was decoded
             full = self._forwards.padded([ids], return_attention=True).attention[:, 0]
-        return attention_map(self.tokenizer, self.config, ids, full, run.params.attention)
+        return attention_map(self.tokenizer, self.config, ids, run.params.attention, att=full)

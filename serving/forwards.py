@@ -4,6 +4,7 @@ forwards, packed side by side in rows, or in length buckets for a model that can
     forwards = TextForwards(model, tokenizer.vocab_size, max_context=64, device="cpu")
     for placements, out in forwards.batches(rows, return_attention=True):
         ...  # (i, r, s): rows[i] is row r of `out` from position s
+    placements = forwards.keep_qk(rows, layers, sink)  # q, k of those layers; no logits
 
 Logits come cut to the tokenizer's vocabulary (the model's may be padded past it).
 """
@@ -16,7 +17,7 @@ import torch
 
 from attnlm.invariance import padded_length
 from attnlm.lstm import LSTMLM
-from attnlm.model import GPT, GPTOutput
+from attnlm.model import GPT, AttentionSink, GPTOutput
 
 MAX_PADDING = 0.2  # a length bucket may be this fraction padding (models that cannot pack)
 PACK_TOKENS = 64  # packed rows hold this many tokens (or the longest text, if longer)
@@ -56,6 +57,10 @@ def length_buckets(lengths: list[int], max_padding: float = MAX_PADDING) -> list
     return buckets
 
 
+class _Kept(Exception):
+    """Raised by `TextForwards.keep_qk`'s sink once it has every layer's q and k it wants."""
+
+
 class TextForwards:
     """The model's forwards over token rows of whole texts, on one device."""
 
@@ -84,6 +89,46 @@ class TextForwards:
         out = self.model(idx.to(self.device), return_attention=return_attention)
         return out._replace(logits=out.logits[..., : self.vocab_size])
 
+    def keep_qk(
+        self, rows: list[list[int]], layers: list[int], sink: AttentionSink
+    ) -> list[tuple[int, int, int]]:
+        """Hand `sink(layer, q, k)` the q and k (B, H, T, hs) of `layers` (ascending) for the
+        packed `rows` of an attention model, and stop the forward there: the layers above, the
+        last one's attention and MLP and the output head (a GPT-2 vocabulary's logits are over
+        a third of a 1,024-token forward) would be thrown away. Returns the placements
+        (i, r, s), as `batches`; the whole packed batch is one forward."""
+        last = layers[-1]
+
+        def keep(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+            sink(layer, q, k)
+            if layer == last:
+                raise _Kept
+
+        if self.batch_invariant:  # rows of one padded length (`groups`), right-padded
+            placements, segments = [(i, i, 0) for i in range(len(rows))], None
+            width = padded_length(max(len(r) for r in rows), self.max_context)
+            idx = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+            for b, ids in enumerate(rows):
+                idx[b, : len(ids)] = torch.tensor(ids)
+            idx = idx.to(self.device)
+        else:
+            placements, idx, segments = self._packed(rows)
+        try:
+            self.model(idx, segments=segments, attention_layers=layers, attention_sink=keep)
+        except _Kept:
+            return placements
+        raise AssertionError(f"the forward went past layer {last}'s q and k")
+
+    def groups(self, rows: list[list[int]]) -> list[list[int]]:
+        """Indices of `rows` that share a forward: all of them, or in batch-invariant mode those
+        of one padded length (`attnlm.invariance.padded_length`), longest first."""
+        if not self.batch_invariant:
+            return [list(range(len(rows)))]
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(rows):
+            by_length.setdefault(padded_length(len(ids), self.max_context), []).append(i)
+        return [group for _, group in sorted(by_length.items(), reverse=True)]
+
     def batches(
         self, rows: list[list[int]], return_attention: bool = False
     ) -> Iterator[tuple[list[tuple[int, int, int]], GPTOutput]]:
@@ -102,10 +147,7 @@ class TextForwards:
         """
         lengths = [len(r) for r in rows]
         if self.batch_invariant:  # one forward per padded length
-            groups: dict[int, list[int]] = {}
-            for i, n in enumerate(lengths):
-                groups.setdefault(padded_length(n, self.max_context), []).append(i)
-            for _, group in sorted(groups.items(), reverse=True):
+            for group in self.groups(rows):
                 placements = [(i, b, 0) for b, i in enumerate(group)]
                 yield placements, self.padded([rows[i] for i in group], return_attention)
             return
@@ -114,6 +156,16 @@ class TextForwards:
                 placements = [(i, b, 0) for b, i in enumerate(bucket)]
                 yield placements, self.padded([rows[i] for i in bucket], return_attention)
             return
+        placements, idx, segments = self._packed(rows)
+        out = self.model(idx, return_attention=return_attention, segments=segments)
+        yield placements, out._replace(logits=out.logits[..., : self.vocab_size])
+
+    def _packed(
+        self, rows: list[list[int]]
+    ) -> tuple[list[tuple[int, int, int]], torch.Tensor, torch.Tensor]:
+        """`rows` packed side by side (`pack_rows`): placements (i, r, s), token ids (B, T) and
+        segment ids (B, T) (padding: -1, its own) on the device."""
+        lengths = [len(r) for r in rows]
         packed = pack_rows(lengths, min(max(max(lengths), PACK_TOKENS), self.max_context))
         width = max(sum(lengths[i] for i in row) for row in packed)
         idx = torch.zeros(len(packed), width, dtype=torch.long)  # (B, T)
@@ -127,9 +179,4 @@ class TextForwards:
                 segments[r, start : start + n] = i
                 placements.append((i, r, start))
                 start += n
-        out = self.model(
-            idx.to(self.device),
-            return_attention=return_attention,
-            segments=segments.to(self.device),
-        )
-        yield placements, out._replace(logits=out.logits[..., : self.vocab_size])
+        return placements, idx.to(self.device), segments.to(self.device)

@@ -39,6 +39,18 @@ def dumps(content: Any) -> bytes:
     return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
+# Characters JSON leaves unescaped but line splitters take for line ends (Python's splitlines,
+# which httpx's `iter_lines` follows): in an SSE event they would cut the data line in two.
+_LINE_BREAKING = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
+def sse_event(content: Any) -> str:
+    """One server-sent event, `data: <JSON>` and a blank line; generated text may hold U+0085,
+    U+2028 or U+2029, which are written as JSON escapes (the same string to a JSON reader) so
+    that every client sees one line of data."""
+    return f"data: {dumps(content).decode().translate(_LINE_BREAKING)}\n\n"
+
+
 class JSON(JSONResponse):
     """JSON through orjson: numpy arrays (the engine's "json"-encoded attention maps) are written
     as nested lists without passing through Python floats; a 27-token map of 6 layers x 6 heads

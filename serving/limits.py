@@ -30,3 +30,11 @@ MIN_SEED, MAX_SEED = -(2**53 - 1), 2**53 - 1
 # HTTP only: the engine itself takes any number of stop strings and any temperature >= 0
 MAX_STOP = 4  # stop strings per completion request (OpenAI's limit)
 MAX_TEMPERATURE = 2.0  # OpenAI's range
+
+# attention at scale (docs/serving.md, "Long texts"): what one request may select, and the
+# replica's defaults for the bytes of one answer and of its cache of texts' q and k
+MAX_ATTENTION_ROWS = 4096  # query positions listed in `rows`
+MAX_POOL = 4096  # `pool`: the side of each pooled map
+MAX_TOP_KEYS = 256  # `top_keys`: weights kept per query row
+DEFAULT_MAX_ATTENTION_BYTES = 64 << 20  # over it: 400 answer_too_large, naming what would fit
+DEFAULT_ATTENTION_CACHE_BYTES = 256 << 20  # ~6 texts of 1,024 tokens at GPT-2 124M's shape

@@ -60,6 +60,13 @@ class EncodedAttention(BaseModel):
     data: list[Any] | str  # nested lists of numbers ("json") | base64 float16 bytes
 
 
+class EncodedKeys(BaseModel):
+    encoding: Encoding
+    shape: list[int]
+    dtype: Literal["int32"]
+    data: list[Any] | str  # nested lists of integers ("json") | base64 little-endian int32
+
+
 class AttentionBody(BaseModel):
     tokens: list[str]
     token_ids: list[int]
@@ -69,6 +76,9 @@ class AttentionBody(BaseModel):
     heads: list[int]
     aggregation: Aggregation
     attention: EncodedAttention
+    rows: list[int] | None = None  # with `rows`: the query position of each row
+    pool_block: int | None = None  # with `pool`: tokens per side of a pooled cell
+    keys: EncodedKeys | None = None  # with `top_keys`: the key position of each weight
 
 
 class AttentionResponse(AttentionBody):
@@ -214,7 +224,8 @@ class Health(BaseModel):
 
 # -- statuses per route ----------------------------------------------------------------------------
 ERRORS = {
-    400: "a bad request: a field out of its bounds, bad text, a text over the context window",
+    400: "a bad request: a field out of its bounds, bad text, a text over the context window, "
+    "an attention answer over the server's `max_attention_bytes` (`answer_too_large`)",
     401: "no API key, or a wrong one",
     404: "no such model (`model` names another one); for chat completions also a model "
     "without a chat template (`chat_template_missing`)",
@@ -330,6 +341,12 @@ def _state_bounds(schemas: dict[str, Any], bounds: ModelBounds) -> None:
         if name in ("AttentionOptionsModel", "AttentionRequest"):
             _bound_integers(props["layers"], bounds.n_layer - 1)
             _bound_integers(props["heads"], bounds.n_head - 1)
+            for node in _walk(props["rows"]):  # positions, negative from the end
+                if node.get("type") == "integer":
+                    node["minimum"], node["maximum"] = (
+                        -bounds.context_length,
+                        bounds.context_length - 1,
+                    )
     _bound_integers(schemas["NextTokenRequest"]["properties"]["top_k"], bounds.vocab_size)
     _bound_integers(schemas["DetokenizeRequest"]["properties"]["tokens"], bounds.vocab_size - 1)
     chat = schemas["ChatCompletionRequest"]["properties"]

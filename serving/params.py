@@ -17,12 +17,15 @@ from serving.limits import (
     DEFAULT_DECIMALS,
     DEFAULT_MAX_TOKENS,
     ENCODINGS,
+    MAX_ATTENTION_ROWS,
     MAX_BIAS,
     MAX_DECIMALS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_PENALTY,
+    MAX_POOL,
     MAX_SEED,
+    MAX_TOP_KEYS,
     MIN_SEED,
 )
 
@@ -67,6 +70,11 @@ class AttentionOptions:
     aggregation: str = "none"  # "none" (per head) | "mean" (over heads) | "rollout"
     encoding: str = "json"  # "json" (nested lists) | "base64" (float16 bytes)
     decimals: int = DEFAULT_DECIMALS  # rounding of json values, 0..MAX_DECIMALS
+    # long texts (serving.attention_select): query rows (positions, negative from the end, or
+    # "last"), maps average-pooled to a side <= pool, or the top_keys largest weights per row
+    rows: list[int] | str | None = None
+    pool: int | None = None
+    top_keys: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "heads"):
@@ -94,6 +102,25 @@ class AttentionOptions:
                 f"decimals must be an integer in 0..{MAX_DECIMALS}, got {self.decimals!r}",
                 "decimals",
             )
+        rows = self.rows
+        if rows is not None and rows != "last":
+            if (
+                not isinstance(rows, (list, tuple))
+                or not 1 <= len(rows) <= MAX_ATTENTION_ROWS
+                or not all(is_int(i) for i in rows)
+            ):
+                raise invalid(
+                    f'rows must be "last" or a list of 1..{MAX_ATTENTION_ROWS} positions '
+                    "(negative: from the end)",
+                    "rows",
+                )
+            object.__setattr__(self, "rows", list(rows))
+        for name, top in (("pool", MAX_POOL), ("top_keys", MAX_TOP_KEYS)):
+            value = getattr(self, name)
+            if value is not None and not (is_int(value) and 1 <= value <= top):
+                raise invalid(f"{name} must be an integer in 1..{top}, got {value!r}", name)
+        if self.pool is not None and (self.rows is not None or self.top_keys is not None):
+            raise invalid("pool pools whole maps: it goes with neither rows nor top_keys", "pool")
 
 
 @dataclass(frozen=True)
@@ -278,6 +305,28 @@ class AttentionMap:
     heads: list[int]
     aggregation: str
     attention: dict  # encode_array: {"encoding", "shape", "dtype", "data"}
+    rows: list[int] | None = None  # with `rows`: the query positions of the rows, in order
+    pool_block: int | None = None  # with `pool`: tokens per side of each pooled cell
+    keys: dict | None = None  # with `top_keys`: the key positions of the weights (int32)
+    cache: str | None = None  # "hit" | "miss" in the replica's q/k cache; None: no cache
+
+    def body(self) -> dict:
+        """The JSON fields: those of the options asked for only (an old request's answer has
+        the fields it always had); `cache` goes to Server-Timing, not here."""
+        body = {
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "layers": self.layers,
+            "heads": self.heads,
+            "aggregation": self.aggregation,
+            "attention": self.attention,
+        }
+        for name in ("rows", "pool_block", "keys"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        return body
 
 
 @dataclass

@@ -27,7 +27,7 @@ import asyncio
 
 from starlette.middleware import Middleware
 
-from serving.http import dumps, error_type
+from serving.http import dumps, error_type, sse_event
 from serving.schemas import error_body
 
 RETRY_AFTER_S = 1
@@ -95,8 +95,8 @@ class ReplicaErrors:
             await send(_json_start(503, body))
             await send({"type": "http.response.body", "body": body})
         elif event_stream and not finished:
-            event = dumps(error_body(LOST, None, "replica_unavailable", "server_error"))
-            tail = f"data: {event.decode()}\n\ndata: [DONE]\n\n".encode()
+            event = sse_event(error_body(LOST, None, "replica_unavailable", "server_error"))
+            tail = f"{event}data: [DONE]\n\n".encode()
             await send({"type": "http.response.body", "body": tail})
 
 

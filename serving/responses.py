@@ -1,6 +1,6 @@
 """OpenAI's response shapes the app writes beyond the engine's results: a completion stream's
 chunks, a chat stream's chunks (the role in each choice's first chunk only), a completion's
-body as a chat completion's, an attention map's fields.
+body as a chat completion's (an attention map's fields: `serving.params.AttentionMap.body`).
 """
 
 from __future__ import annotations
@@ -8,19 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from serving.params import CompletionDelta
-
-
-def attention_dict(result) -> dict[str, Any]:
-    return {
-        "tokens": result.tokens,
-        "token_ids": result.token_ids,
-        "n_layers": result.n_layers,
-        "n_heads": result.n_heads,
-        "layers": result.layers,
-        "heads": result.heads,
-        "aggregation": result.aggregation,
-        "attention": result.attention,
-    }
 
 
 def completion_chunk(delta: CompletionDelta, index: int, first: bool) -> tuple[str, dict]:

@@ -33,15 +33,18 @@ from serving.limits import (
     DEFAULT_DECIMALS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TOP_K,
+    MAX_ATTENTION_ROWS,
     MAX_BIAS,
     MAX_DECIMALS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_PENALTY,
+    MAX_POOL,
     MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_STOP,
     MAX_TEMPERATURE,
+    MAX_TOP_KEYS,
     MIN_SEED,
     Aggregation,
     Encoding,
@@ -134,6 +137,8 @@ StopStrings = Annotated[
     Field(json_schema_extra={"minLength": 1}),
 ]
 Indices = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+# query positions, negative from the end (the served schema bounds them by the context)
+Rows = Annotated[list[StrictInt], Field(min_length=1, max_length=MAX_ATTENTION_ROWS)]
 
 
 class _Strict(BaseModel):
@@ -146,12 +151,37 @@ class _Strict(BaseModel):
         return _integral(data)
 
 
+def _both(first: str, second: str, first_type: str, second_type: list[str]) -> dict[str, Any]:
+    """A JSON schema that holds when both fields are given, not null."""
+    return {
+        "required": [first, second],
+        "properties": {first: {"type": first_type}, second: {"type": second_type}},
+    }
+
+
 class AttentionOptionsModel(_Strict):
+    # pool goes with neither rows nor top_keys (the engine says so too: a 400 naming pool)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "anyOf": [
+                    _both("pool", "rows", "integer", ["array", "string"]),
+                    _both("pool", "top_keys", "integer", ["integer"]),
+                ]
+            }
+        }
+    )
+
     layers: Indices | None = None  # each < the model's layers (the served schema says how many)
     heads: Indices | None = None
     aggregation: Aggregation = "none"
     encoding: Encoding = "json"
     decimals: StrictInt = Field(DEFAULT_DECIMALS, ge=0, le=MAX_DECIMALS)
+    # long texts (docs/serving.md): these rows only; each map pooled to a side <= pool; the
+    # top_keys largest weights of each row with their key positions (pool goes with neither)
+    rows: Rows | Literal["last"] | None = None
+    pool: StrictInt | None = Field(None, ge=1, le=MAX_POOL)
+    top_keys: StrictInt | None = Field(None, ge=1, le=MAX_TOP_KEYS)
 
 
 class AttentionRequest(AttentionOptionsModel):

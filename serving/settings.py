@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from serving.limits import DEFAULT_ATTENTION_CACHE_BYTES, DEFAULT_MAX_ATTENTION_BYTES
+
 MAX_ONGOING_REQUESTS = 64  # requests Ray Serve hands one replica at once (>= max_batch_size)
 
 
@@ -26,13 +28,22 @@ class ServerSettings:
     # a completion (streamed or not) still running after this many seconds ends with a 504
     # (an error event on a stream) and frees its decode slots; None: no limit
     request_timeout_s: float | None = 60.0
+    # attention of long texts (docs/serving.md): bytes of recent texts' q and k kept in float16
+    # for their next request (0: none), and the most bytes one attention answer may carry
+    attention_cache_bytes: int = DEFAULT_ATTENTION_CACHE_BYTES
+    max_attention_bytes: int = DEFAULT_MAX_ATTENTION_BYTES
 
     def __post_init__(self) -> None:
         errors = []
-        for name in ("max_batch_size", "max_in_flight"):
+        for name, least in (
+            ("max_batch_size", 1),
+            ("max_in_flight", 1),
+            ("attention_cache_bytes", 0),
+            ("max_attention_bytes", 1),
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                errors.append(f"{name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                errors.append(f"{name} must be an integer >= {least}, got {value!r}")
         wait = self.batch_wait_timeout_s
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
             errors.append(f"batch_wait_timeout_s must be a number >= 0, got {wait!r}")

@@ -1,5 +1,5 @@
-"""Training callbacks: throughput and MFU, the loss-curve plot, atomic checkpoint writes, the
-progress bar.
+"""Training callbacks: throughput and MFU, the global batch in tokens, the loss-curve plot, atomic
+checkpoint writes, the progress bar.
 
 `SpeedMonitor` logs `tokens_per_sec` (all ranks together) and `mfu` (model FLOPs utilisation:
 achieved model FLOP/s over the device's peak). The peak comes from Lightning's table for known
@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from attnlm.atomic import atomic_write
+from attnlm.config import ConfigError
 from attnlm.networks import flops_per_token
 
 
@@ -121,6 +122,50 @@ class SpeedMonitor(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._window_start = None  # validation time is not training throughput
+
+
+class GlobalBatch(L.Callback):
+    """Gradient accumulation set from a global batch in tokens, whatever the number of devices.
+
+    At fit start, accumulation = round(tokens / (data.batch_size x block_size x devices));
+    GPT-2 124M's 524,288 tokens (2**19) with batch 16 x 1,024 is 32 steps on one GPU, 4 on eight.
+    `val_every_steps` puts validation every that many optimizer steps (Lightning's
+    `val_check_interval` counts batches, so it would change with the accumulation).
+
+    Args:
+        tokens: tokens per optimizer step over all devices; None: off (trainer's own settings).
+        val_every_steps: validate every this many optimizer steps; None: the trainer's setting.
+    """
+
+    def __init__(self, tokens: int | None = None, val_every_steps: int | None = None) -> None:
+        for name, value in (("tokens", tokens), ("val_every_steps", val_every_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"global_batch.{name}: must be an int >= 1, got {value!r}")
+        self.tokens = tokens
+        self.val_every_steps = val_every_steps
+        self.accumulate: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.tokens is None:
+            return
+        if trainer.accumulate_grad_batches != 1:
+            raise ConfigError(
+                f"global_batch.tokens ({self.tokens:,}) sets the gradient accumulation; "
+                f"trainer.accumulate_grad_batches ({trainer.accumulate_grad_batches}) too: "
+                "give one of them"
+            )
+        data = trainer.datamodule
+        per_step = data.settings.batch_size * data.block_size * trainer.world_size
+        self.accumulate = max(1, round(self.tokens / per_step))
+        trainer.accumulate_grad_batches = self.accumulate
+        if self.val_every_steps is not None:
+            # read by the fit loop when it sets up its data, after this hook
+            trainer.val_check_interval = self.val_every_steps * self.accumulate
+        rank_zero_info(
+            f"global batch: {self.accumulate} x {per_step:,} tokens = "
+            f"{self.accumulate * per_step:,} tokens per optimizer step "
+            f"(global_batch.tokens {self.tokens:,}; {trainer.world_size} device(s))"
+        )
 
 
 class LossCurvePlot(L.Callback):

@@ -3,9 +3,10 @@
 `TextDataModule` is the `data:` section of the LightningCLI config. Its pipeline:
 
 1. `prepare_data` (Lightning runs it on local rank 0 only) builds the token cache of these settings
-   unless it exists (`training.token_cache`): the text loaded with `datasets.load_dataset`, a
-   tokenizer trained on the training split (unless `tokenizer_path` is given), every split
-   tokenized and packed into one flat token file, in a directory named by a hash of everything
+   unless it exists (`training.token_cache`): local text streamed (other formats loaded with
+   `datasets.load_dataset`), a tokenizer trained on a bounded sample of the training split
+   (unless `tokenizer_path` is given), every split tokenized in bounded memory, with a progress
+   bar and its MB/s, into one flat token file, in a directory named by a hash of everything
    that determines its contents, written atomically, reused by a later run with the same settings.
    The settings themselves are checked, all at once, when the module is built
    (`training.data_settings`).
@@ -213,6 +214,7 @@ class TextDataModule(L.LightningDataModule):
         text_column: str = "text",
         tokenizer_path: str | None = None,
         vocab_size: int = 512,
+        tokenizer_sample_mb: int = 64,
         block_size: int = 64,
         batch_size: int = 32,
         val_fraction: float = 0.05,
@@ -240,6 +242,8 @@ class TextDataModule(L.LightningDataModule):
             tokenizer_path: a `tokenizer.json` to use; None trains one on the training split.
             vocab_size: vocabulary size of the tokenizer to train (>= 257: 256 bytes + EOT). On a
                 small corpus the trained vocabulary can come out smaller.
+            tokenizer_sample_mb: the most training text (MB) a tokenizer is trained on: evenly
+                spaced chunks of the training split when it is larger (the whole split else).
             block_size: training window length T (windows hold T + 1 tokens). Under `attnlm fit`
                 it is one setting with the model's context `model.block_size`: give either, the
                 other follows.
@@ -248,7 +252,8 @@ class TextDataModule(L.LightningDataModule):
                 "validation" or "test" split.
             samples_per_epoch: random training windows per epoch, over all devices.
             max_val_samples: the most validation windows.
-            num_proc: processes for tokenizing with `datasets.map` (None: in this process).
+            num_proc: worker processes that tokenize (None: this process, with the tokenizer's
+                own threads; more processes help where those threads leave cores idle).
             num_workers: DataLoader worker processes.
             cache_dir: where token caches (and `datasets` downloads) are kept.
             corpus_sentences: sentences in the built-in corpus.
@@ -269,6 +274,7 @@ class TextDataModule(L.LightningDataModule):
             text_column=text_column,
             tokenizer_path=tokenizer_path,
             vocab_size=vocab_size,
+            tokenizer_sample_mb=tokenizer_sample_mb,
             block_size=block_size,
             batch_size=batch_size,
             val_fraction=val_fraction,
@@ -324,11 +330,13 @@ class TextDataModule(L.LightningDataModule):
             return
         rank_zero_info(f"data: building token cache {self.cache_path} (new settings)")
         meta = self.cache.build()
-        splits = meta["splits"]
+        splits, tok, seconds = meta["splits"], meta["tokenize"], meta["seconds"]
         rank_zero_info(
             f"data: built token cache {self.cache_path} in {meta['build_seconds']:.1f}s: "
             f"train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens, "
-            f"vocab {meta['vocab_size']}"
+            f"vocab {meta['vocab_size']}; tokenized {tok['text_bytes'] / 1e6:,.1f} MB in "
+            f"{tok['seconds']:.1f}s ({tok['mb_per_s']:.2f} MB/s, num_proc {tok['num_proc']}), "
+            f"tokenizer trained in {seconds['train_tokenizer']:.1f}s"
         )
         for note in build_notes(meta):
             rank_zero_info(f"data: {note}")

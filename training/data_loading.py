@@ -63,7 +63,7 @@ def load_splits(settings: DataSettings, tmp: Path) -> LoadedText:
         hf_cache = tmp / "hf"  # nothing here is worth keeping past this build
     elif s.builder is not None:
         path, name = s.builder, s.dataset_config
-        read, copies, files = _check_local_files(s, tmp / "decoded")
+        read, copies, files = check_local_files(s, tmp / "decoded")
         data_files = [str(r) for r in read]
         hf_cache = tmp / "hf" if copies else s.cache_root / "hf"
     else:
@@ -106,7 +106,7 @@ def load_splits(settings: DataSettings, tmp: Path) -> LoadedText:
     return LoadedText(parts["train"], parts["test"], source, files)
 
 
-def _check_local_files(
+def check_local_files(
     s: DataSettings, copy_dir: Path
 ) -> tuple[list[Path], dict[str, Path], dict[str, Any]]:
     """(the files datasets should read, {decoded copy: the user's file}, what checking found)."""

@@ -49,6 +49,7 @@ class DataSettings:
     text_column: str
     tokenizer_path: str | None
     vocab_size: int
+    tokenizer_sample_mb: int
     block_size: int
     batch_size: int
     val_fraction: float
@@ -103,6 +104,7 @@ class DataSettings:
                 errors.append(f"data.{name}: must be a non-empty string, got {value!r}")
         for name, minimum in (
             ("vocab_size", NUM_BYTES + 1),
+            ("tokenizer_sample_mb", 1),
             ("block_size", 1),
             ("batch_size", 1),
             ("samples_per_epoch", 1),

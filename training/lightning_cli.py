@@ -32,17 +32,29 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from attnlm.artifact import ArtifactError
+from attnlm.artifact import ArtifactError, read_model_folder
 from attnlm.config import ConfigError
 from attnlm.tokenizer import Tokenizer, TokenizerError
-from training.callbacks import AtomicCheckpointIO, LossCurvePlot, SpeedMonitor, TrainProgressBar
+from training.callbacks import (
+    AtomicCheckpointIO,
+    GlobalBatch,
+    LossCurvePlot,
+    SpeedMonitor,
+    TrainProgressBar,
+)
 from training.checkpoint_file import check_lightning_checkpoint
 from training.data import TextDataModule
-from training.module import LanguageModel, NonFiniteLossError
+from training.module import SHAPE_FIELDS, LanguageModel, NonFiniteLossError
 
 DEFAULT_ROOT = "runs/default"
 # the context length when neither model.block_size nor data.block_size is given: the model's default
 DEFAULT_BLOCK_SIZE = inspect.signature(LanguageModel.__init__).parameters["block_size"].default
+# what the model and data take when the config leaves them out (and no init_from folder decides)
+_MODEL_DEFAULTS = {
+    name: inspect.signature(LanguageModel.__init__).parameters[name].default
+    for name in SHAPE_FIELDS
+}
+DEFAULT_VOCAB_SIZE = inspect.signature(TextDataModule.__init__).parameters["vocab_size"].default
 # --ckpt_path values that Lightning resolves itself (not files to check)
 CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")
 
@@ -64,6 +76,60 @@ def resolve_block_size(config: Namespace) -> None:
         )
     given = model_block if model_block is not None else data_block
     model["block_size"] = data["block_size"] = DEFAULT_BLOCK_SIZE if given is None else given
+
+
+def resolve_model_shape(config: Namespace) -> None:
+    """Fill the model's shape and the vocabulary (None: not given) from `model.init_from`'s folder,
+    or with the defaults when there is none. Runs before `resolve_block_size`.
+
+    With a folder, the shape (n_layer, n_head, n_embd, bias, arch, attention), the context
+    (block_size: the folder's, or a shorter one given) and the tokenizer (data.tokenizer_path,
+    data.vocab_size) are the folder's.
+
+    Raises:
+        ConfigError: a value given contradicts the folder (every one named, in one message), or
+            the folder is not a model folder attnlm reads.
+    """
+    model, data = config["model"], config["data"]
+    folder = model.get("init_from")
+    if folder is None:
+        for name, default in _MODEL_DEFAULTS.items():
+            if model[name] is None:
+                model[name] = default
+        if data["vocab_size"] is None:
+            data["vocab_size"] = DEFAULT_VOCAB_SIZE
+        return
+    try:
+        theirs, tokenizer_file, vocab_size = read_model_folder(folder)
+    except ArtifactError as err:
+        raise ConfigError(f"model.init_from: {err}") from err
+    wrong = []
+    for name in SHAPE_FIELDS:
+        given, value = model[name], getattr(theirs, name)
+        if given is not None and given != value:
+            wrong.append(f"model.{name}={given!r} (the folder's: {value!r})")
+        model[name] = value
+    given = model["block_size"] if model["block_size"] is not None else data["block_size"]
+    if given is None:
+        model["block_size"] = theirs.block_size
+    elif given > theirs.block_size:
+        wrong.append(f"block_size={given} (longer than the folder's context {theirs.block_size})")
+    if data["tokenizer_path"] is not None and Path(data["tokenizer_path"]).resolve() != (
+        tokenizer_file.resolve()
+    ):
+        wrong.append(
+            f"data.tokenizer_path={data['tokenizer_path']} (the data is tokenized with the "
+            f"folder's {tokenizer_file})"
+        )
+    if data["vocab_size"] is not None and data["vocab_size"] != vocab_size:
+        wrong.append(f"data.vocab_size={data['vocab_size']} (the folder's tokenizer: {vocab_size})")
+    if wrong:
+        raise ConfigError(
+            f"model.init_from {folder}: the shape and tokenizer come from the folder, but the "
+            f"config gives {', '.join(wrong)}; leave them out or give the folder's values"
+        )
+    data["tokenizer_path"] = str(tokenizer_file)
+    data["vocab_size"] = vocab_size
 
 
 def one_line(message: str) -> str:
@@ -103,8 +169,9 @@ class AttnLMParser(LightningArgumentParser):
         if isinstance(cfg, Namespace) and "model" in cfg and "data" in cfg:
             cfg = cfg.clone()
             try:
+                resolve_model_shape(cfg)
                 resolve_block_size(cfg)
-            except ConfigError:
+            except (ConfigError, ArtifactError):
                 pass  # printed as given; running this config reports the conflict
         return super().dump(cfg, *args, **kwargs)
 
@@ -150,6 +217,9 @@ class AttnLMCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         # None: not given; before_instantiate_classes sets both to the one given
         parser.set_defaults({"model.block_size": None, "data.block_size": None})
+        # None: not given; the init_from folder or the defaults fill them (resolve_model_shape)
+        parser.set_defaults({f"model.{name}": None for name in SHAPE_FIELDS})
+        parser.set_defaults({"data.vocab_size": None})
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -162,6 +232,7 @@ class AttnLMCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(SpeedMonitor, "speed")
+        parser.add_lightning_class_args(GlobalBatch, "global_batch")
         parser.add_lightning_class_args(LossCurvePlot, "loss_plot")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -176,6 +247,7 @@ class AttnLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        resolve_model_shape(config)
         resolve_block_size(config)
         data = config["data"]
         if data["tokenizer_path"] is not None:

@@ -13,8 +13,12 @@ import math
 import lightning as L
 import torch
 
-from attnlm.config import GPTConfig
+from attnlm.artifact import load_artifact
+from attnlm.config import ConfigError, GPTConfig
 from attnlm.networks import build_model
+
+# the model's shape: what `init_from` takes from its folder (block_size may be shorter)
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "arch", "attention")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,6 +44,7 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
         arch: str = "transformer",
         attention: str = "dot_product",
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -64,6 +69,11 @@ class LanguageModel(L.LightningModule):
                 comparison; n_head is unused).
             attention: "dot_product" (default, SDPA kernels) or "additive" (Bahdanau scoring,
                 explicit path, slower; for comparison).
+            init_from: a model folder to start from (nanoGPT's `init_from`): a GPT-2-family
+                folder (transformers' `save_pretrained` plus a tokenizer.json: gpt2, distilgpt2,
+                a fine-tune) or an `attnlm export`. Its weights are loaded; the shape must be the
+                folder's (`attnlm fit` takes it, and the tokenizer, from the folder); a shorter
+                block_size keeps the first positions (as nanoGPT's crop_block_size).
         """
         super().__init__()
         errors = []
@@ -92,6 +102,8 @@ class LanguageModel(L.LightningModule):
             attention=attention,
         )
         self.model = build_model(self.config)
+        if init_from is not None:
+            self.model.load_state_dict(initial_weights(init_from, self.config))
         # kept outside the module tree so that state_dict keys stay the plain GPT ones
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self._first_bad_step: torch.Tensor | None = None
@@ -146,13 +158,31 @@ class LanguageModel(L.LightningModule):
                 "val_bpc", val_loss / chars_per_token / math.log(2), prog_bar=True, sync_dist=True
             )
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if not gradient_clip_val or not optimizer.defaults.get("fused"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        # a fused optimizer under bf16-mixed (never 16-mixed: configure_optimizers): no loss
+        # scale, so the gradients are clipped as they are, as Lightning would without fusing
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         hp = self.hparams
-        # A fused AdamW is one kernel for all parameters, but Lightning's mixed-precision plugin
-        # refuses to clip gradients for optimizers that unscale internally, as fused ones do.
-        mixed = str(self.trainer.precision).endswith("-mixed")
+        # A fused AdamW is one kernel for all parameters. It unscales fp16 gradients inside its
+        # step, so 16-mixed cannot clip them before (Lightning refuses); bf16-mixed has no loss
+        # scale, and `configure_gradient_clipping` clips its gradients as they are.
+        fp16 = str(self.trainer.precision).startswith("16")
         fused = self.device.type in ("cuda", "cpu") and not (
-            mixed and self.trainer.gradient_clip_val
+            fp16 and self.trainer.gradient_clip_val
         )
         optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(hp.weight_decay),
@@ -168,6 +198,37 @@ class LanguageModel(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def initial_weights(folder: str, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The state dict of the model in `folder`, for a model of `config`'s shape.
+
+    Raises:
+        ArtifactError: the folder is not a model folder attnlm reads.
+        ConfigError: `config` is not the folder's shape (or has a longer context).
+    """
+    artifact = load_artifact(folder)
+    theirs = artifact.config
+    wrong = [
+        f"{name} {getattr(config, name)!r} (the folder's: {getattr(theirs, name)!r})"
+        for name in (*SHAPE_FIELDS, "vocab_size")
+        if getattr(config, name) != getattr(theirs, name)
+    ]
+    if config.block_size > theirs.block_size:
+        wrong.append(f"block_size {config.block_size} (the folder's model has {theirs.block_size})")
+    if theirs.layer_norm_epsilon != config.layer_norm_epsilon:
+        wrong.append(f"layer_norm_epsilon {theirs.layer_norm_epsilon} (attnlm trains with 1e-5)")
+    if wrong:
+        raise ConfigError(
+            f"model.init_from {folder}: the model does not fit it: {'; '.join(wrong)}"
+        )
+    state = artifact.model.state_dict()
+    positions = "transformer.wpe.weight"  # learned positions: the Transformer's, not the LSTM's
+    if config.block_size < theirs.block_size and positions in state:
+        state[positions] = state[positions][
+            : config.block_size
+        ].clone()  # nanoGPT's crop_block_size
+    return state
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -14,37 +14,47 @@ files' sizes and times, their encoding and decode_errors unless strict UTF-8), t
 seed, the cache format. Settings that change the contents get a new directory; the same settings
 find the one built before.
 
-`build` loads the text (`training.data_loading`: the built-in corpus of `attnlm.corpus`, local
-text/json/parquet/csv files, a local dataset directory, or a Hub dataset; validation data split
-off unless the dataset has its own), trains a tokenizer on the training split (unless one is
-given), tokenizes with EOT after each document (empty ones are skipped and counted), and packs
-each split into one flat token file. It writes into a temporary
-directory that is renamed into place (`attnlm.atomic.atomic_folder`): a crashed run never leaves
-half a cache, and of two processes building the same cache one wins and the other uses its result.
+`build` reads the text (the built-in corpus of `attnlm.corpus` and local text files streamed by
+`training.token_writer.TextFileSource`, one document a line, validation lines drawn per block;
+json/csv/parquet files, a local dataset directory or a Hub dataset through `datasets`
+(`training.data_loading`), validation data split off unless the dataset has its own), trains a
+tokenizer on a bounded sample of the training text (`data.tokenizer_sample_mb`, unless one is
+given), and tokenizes every split in bounded memory straight into its token file, EOT after each
+document (empty ones are skipped and counted), with a progress bar and the MB/s in meta.json
+(`training.token_writer.tokenize_to_files`, `data.num_proc` worker processes if set).
+It writes into a temporary directory that is renamed into place (`attnlm.atomic.atomic_folder`):
+a crashed or killed run never leaves half a cache at `path` (the next build of the same cache
+deletes a killed build's temporary folder), and of two processes building the same cache one
+wins and the other uses its result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import tokenizers
 
 import attnlm.corpus
 from attnlm.atomic import atomic_folder
+from attnlm.corpus import write_corpus
 from attnlm.tokenizer import Tokenizer
-from training.data_loading import load_splits
+from training.data_loading import check_local_files, load_splits
 from training.data_settings import DataSettings
+from training.token_writer import DatasetSource, TextFileSource, tokenize_to_files
 
-CACHE_FORMAT = 1  # bump when the layout or the meaning of the cache files changes
+# bump when the layout or the meaning of the cache files changes (2: text files streamed, their
+# validation lines drawn per block; tokenizer trained on a bounded sample)
+CACHE_FORMAT = 2
+BUILDER_FILE = "builder.json"  # in a build's temporary folder: who builds it (host, pid)
 TOKENIZER_MIN_FREQUENCY = 2
 META_FILE = "meta.json"
 
@@ -52,56 +62,6 @@ META_FILE = "meta.json"
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every id of a `vocab_size` vocabulary."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-class _TokenizeBatch:
-    """`datasets.map` function: texts -> ids with EOT appended; empty documents are dropped."""
-
-    def __init__(self, tokenizer: Tokenizer, text_column: str) -> None:
-        self.tokenizer = tokenizer
-        self.text_column = text_column
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        texts = [t or "" for t in batch[self.text_column]]  # None counts as empty
-        eot = self.tokenizer.eot_id
-        ids = self.tokenizer.encode_batch(texts)
-        return {
-            "ids": [x + [eot] if t else [] for x, t in zip(ids, texts, strict=True)],
-            # EOT stands for the separator between documents: one character, like a newline
-            "n_chars": [len(t) + 1 if t else 0 for t in texts],
-        }
-
-
-def _text_batches(
-    ds: datasets.Dataset, text_column: str, batch_size: int = 1000
-) -> Iterator[list[str]]:
-    for batch in ds.select_columns([text_column]).iter(batch_size=batch_size):
-        yield [t for t in batch[text_column] if t]
-
-
-def _pack(tokenized: datasets.Dataset, path: Path, dtype: np.dtype) -> dict[str, int]:
-    """Write the `ids` column end to end into a raw token file; return the split's counts."""
-    column = tokenized.data.column("ids")  # ChunkedArray of list<uint>
-    num_tokens = sum(len(chunk.flatten()) for chunk in column.chunks)
-    if num_tokens == 0:
-        path.write_bytes(b"")  # np.memmap cannot map an empty file
-    else:
-        out = np.memmap(path, dtype=dtype, mode="w+", shape=(num_tokens,))
-        pos = 0
-        for chunk in column.chunks:
-            flat = chunk.flatten().to_numpy(zero_copy_only=False)
-            out[pos : pos + len(flat)] = flat
-            pos += len(flat)
-        out.flush()
-        del out
-    n_chars = np.asarray(tokenized.data.column("n_chars").to_numpy(), dtype=np.int64)
-    documents = int((n_chars > 0).sum())
-    return {
-        "tokens": num_tokens,
-        "chars": int(n_chars.sum()),
-        "documents": documents,
-        "empty_documents": len(n_chars) - documents,  # skipped: no text, no tokens
-    }
 
 
 def build_notes(meta: dict[str, Any]) -> list[str]:
@@ -179,6 +139,7 @@ def fingerprint_inputs(settings: DataSettings) -> dict[str, Any]:
         inputs["tokenizer"] = {
             "train_vocab_size": s.vocab_size,
             "min_frequency": TOKENIZER_MIN_FREQUENCY,
+            "sample_mb": s.tokenizer_sample_mb,
             "tokenizers": tokenizers.__version__,
         }
     if s.dataset is None:
@@ -231,11 +192,19 @@ class TokenCache:
             )
         return json.loads(meta_file.read_text(encoding="utf-8"))
 
-    def build(self) -> dict[str, Any]:
-        """Build the cache (call it where `is_built()` is False); return its meta.json contents."""
+    def build(self, progress: bool = True) -> dict[str, Any]:
+        """Build the cache (call it where `is_built()` is False); return its meta.json contents.
+
+        Temporary folders of this cache left by a build that was killed (its process is gone)
+        are deleted first; they were never trusted (only a folder with meta.json at `path` is).
+        """
+        self.remove_abandoned_builds()
         try:
             with atomic_folder(self.path, replace=False) as tmp:
-                meta = self._build(tmp)
+                builder = {"host": socket.gethostname(), "pid": os.getpid()}
+                (tmp / BUILDER_FILE).write_text(json.dumps(builder), encoding="utf-8")
+                meta = self._build(tmp, progress)
+                (tmp / BUILDER_FILE).unlink()
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         except FileExistsError:
             if not self.is_built():
@@ -243,44 +212,59 @@ class TokenCache:
             return self.read_meta()  # another process finished the same cache first
         return meta
 
-    def _build(self, tmp: Path) -> dict[str, Any]:
+    def abandoned_builds(self) -> list[Path]:
+        """Temporary folders of this cache whose builder, on this host, is no longer running."""
+        found = []
+        for tmp in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            try:
+                builder = json.loads((tmp / BUILDER_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # just created, or not ours: left alone
+            if builder.get("host") == socket.gethostname() and not _pid_alive(builder.get("pid")):
+                found.append(tmp)
+        return found
+
+    def remove_abandoned_builds(self) -> None:
+        for tmp in self.abandoned_builds():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _sources(self, tmp: Path) -> tuple[list[Any], str, dict[str, Any]]:
+        """(the sources of the two splits, where the validation data comes from, file notes)."""
+        s = self.settings
+        if s.dataset is None or (s.builder == "text" and s.split == "train"):
+            if s.dataset is None:
+                paths = [write_corpus(tmp / "corpus.txt", s.corpus_sentences, seed=s.seed)]
+                files: dict[str, Any] = {}
+            else:
+                paths, _, files = check_local_files(s, tmp / "decoded")
+            source = TextFileSource(paths, s.val_fraction, s.seed)
+            return [source], source.val_source, files
+        loaded = load_splits(s, tmp)  # json, csv, parquet, a dataset folder, the Hub, slices
+        sources = [
+            DatasetSource("train", loaded.train, s.text_column),
+            DatasetSource("val", loaded.val, s.text_column),
+        ]
+        return sources, loaded.val_source, loaded.files
+
+    def _build(self, tmp: Path, progress: bool) -> dict[str, Any]:
         s = self.settings
         t0 = time.perf_counter()
-        loaded = load_splits(s, tmp)
-        train, val = loaded.train, loaded.val
+        sources, val_source, files = self._sources(tmp)
         t_load = time.perf_counter()
+        sample_bytes = s.tokenizer_sample_mb << 20
         if s.tokenizer is not None:
             tokenizer = s.tokenizer
         else:
             tokenizer = Tokenizer.train(
-                _text_batches(train, s.text_column),
+                sources[0].sample(sample_bytes),
                 vocab_size=s.vocab_size,
                 min_frequency=TOKENIZER_MIN_FREQUENCY,
             )
         tokenizer.save(tmp / "tokenizer.json")
         t_tok = time.perf_counter()
         dtype = token_dtype(tokenizer.vocab_size)
-        list_feature = getattr(datasets, "List", datasets.Sequence)  # List since datasets 4
-        features = datasets.Features(
-            {"ids": list_feature(datasets.Value(dtype.name)), "n_chars": datasets.Value("int64")}
-        )
-        splits = {}
-        for name, ds in (("train", train), ("val", val)):
-            tokenized = ds.map(
-                _TokenizeBatch(tokenizer, s.text_column),
-                batched=True,
-                batch_size=1000,
-                num_proc=s.num_proc,
-                remove_columns=ds.column_names,
-                features=features,
-                cache_file_name=str(tmp / "arrow" / f"{name}.arrow"),
-                load_from_cache_file=False,
-                new_fingerprint=f"{self.fingerprint}-{name}",
-                desc=f"tokenizing {name}",
-            )
-            splits[name] = _pack(tokenized, tmp / f"{name}.bin", dtype)
-            del tokenized
-        t_pack = time.perf_counter()
+        stats = tokenize_to_files(sources, tokenizer, tmp, dtype, s.num_proc, progress)
+        t_done = time.perf_counter()
         for scratch in ("arrow", "hf", "decoded"):
             shutil.rmtree(tmp / scratch, ignore_errors=True)
         return {
@@ -290,13 +274,26 @@ class TokenCache:
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
-            "val_source": loaded.val_source,
-            "splits": splits,
-            "files": loaded.files,
-            "build_seconds": round(t_pack - t0, 3),
+            "val_source": val_source,
+            "splits": {name: vars(counts) for name, counts in stats.splits.items()},
+            "files": files,
+            "tokenize": stats.to_dict(),
+            "build_seconds": round(t_done - t0, 3),
             "seconds": {
                 "load": round(t_load - t0, 3),
                 "train_tokenizer": round(t_tok - t_load, 3),
-                "tokenize_and_pack": round(t_pack - t_tok, 3),
+                "tokenize": round(t_done - t_tok, 3),
             },
         }
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -104,6 +104,8 @@ def test_schema_states_what_the_server_checks(served):
     assert prompt[2]["items"] == {"type": "integer", "minimum": 0, "maximum": vocab - 1}
     layers = schemas["AttentionRequest"]["properties"]["layers"]["anyOf"][0]["items"]
     assert (layers["minimum"], layers["maximum"]) == (0, 1)  # the 2-layer test model
+    rows = schemas["AttentionRequest"]["properties"]["rows"]["anyOf"][0]["items"]
+    assert (rows["minimum"], rows["maximum"]) == (-64, 63)  # positions in the 64-token context
     max_tokens = schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]
     assert max_tokens["maximum"] == 64
     assert "64 tokens" in schemas["NextTokenRequest"]["properties"]["text"]["description"]

@@ -46,7 +46,7 @@ def test_export_writes_a_gpt2_folder_without_pickles(artifact_dir):
 def test_exported_model_gives_identical_logits(trained_run, artifact_dir):
     art = load_artifact(artifact_dir)
     original = model_from_checkpoint(read_checkpoint(trained_run / "checkpoints" / "best.ckpt"))
-    ids = torch.tensor([art.tokenizer.encode(SENTENCE)])
+    ids = torch.tensor([art.tokenizer.encode(SENTENCE)[: art.config.block_size]])  # the context
     torch.testing.assert_close(art.model(ids).logits, original(ids).logits, rtol=0, atol=0)
 
 
@@ -60,7 +60,7 @@ def test_transformers_loads_the_folder_with_same_logits_and_attention(artifact_d
     ids = art.tokenizer.encode(SENTENCE)
     assert hf_tok(SENTENCE)["input_ids"] == ids
     assert hf_tok.decode(ids) == SENTENCE
-    x = torch.tensor([ids])
+    x = torch.tensor([ids[: art.config.block_size]])  # what fits the context
     ours = art.model(x, return_attention=True)
     with torch.no_grad():
         theirs = hf(x, output_attentions=True)

@@ -111,7 +111,7 @@ class _Api:
         self._check_model(req.model)
         options = _attention_options(req)
         (result,) = self.engine.attention([req.text], [options])
-        return {"model": self.engine.model_name, **dataclasses.asdict(result)}
+        return {"model": self.engine.model_name, **result.body()}
 
     def next_token(self, body: Any) -> dict:
         from serving.schemas import NextTokenRequest
@@ -221,11 +221,18 @@ frame.addEventListener("load", tick);
 ).replace("__KEY__", KEY)
 
 
-def _serve(engine, key: str | None = None) -> Iterator[tuple[str, _Api]]:
+def _serve(
+    engine, key: str | None = None, pages: dict[str, str] | None = None
+) -> Iterator[tuple[str, _Api]]:
     """The page and the API; with `key`, the API answers 401 without `Authorization: Bearer key`
-    (as serving/auth.py), and /key-harness drives the viewer's key form."""
+    (as serving/auth.py), and /key-harness drives the viewer's key form. `pages`: more pages by
+    path; a page that loads /hold keeps its load event (and Chromium's --dump-dom without a
+    virtual-time budget) waiting until it POSTs its results to /done (`api.results`)."""
     api = _Api(engine)
     api.authorizations = []  # the Authorization header of every API request
+    api.results = None
+    done = threading.Event()
+    pages = {"/key-harness": KEY_HARNESS, **(pages or {})}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:  # quiet
@@ -252,8 +259,11 @@ def _serve(engine, key: str | None = None) -> Iterator[tuple[str, _Api]]:
             path = urllib.parse.urlsplit(self.path).path
             if path == "/":
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-            elif path == "/key-harness":
-                self._send(200, KEY_HARNESS.encode(), "text/html; charset=utf-8")
+            elif path in pages:
+                self._send(200, pages[path].encode(), "text/html; charset=utf-8")
+            elif path == "/hold":
+                done.wait(timeout=120)
+                self._send(200, b"", "text/plain")
             elif not self._unauthorized():
                 self._json(*api.handle("GET", path, None))
 
@@ -266,6 +276,11 @@ def _serve(engine, key: str | None = None) -> Iterator[tuple[str, _Api]]:
             except json.JSONDecodeError:
                 self._json(400, _error("request body is not valid JSON", code="invalid_json"))
                 return
+            if urllib.parse.urlsplit(self.path).path == "/done":
+                api.results = body
+                done.set()
+                self._json(200, {})
+                return
             self._json(*api.handle("POST", urllib.parse.urlsplit(self.path).path, body))
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -275,6 +290,7 @@ def _serve(engine, key: str | None = None) -> Iterator[tuple[str, _Api]]:
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", api
     finally:
+        done.set()
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
@@ -378,7 +394,11 @@ def test_analyze_renders_tokens_heatmap_and_next_tokens(chromium, server, engine
 
     # What the page asked for.
     sent = {path: body for path, body in api.requests}
-    assert sent["/v1/attention"] == {"text": TEXT, "aggregation": "none", "encoding": "base64"}
+    # every head pooled to <= 64 x 64: for this short text, the maps themselves (one request)
+    assert sent["/v1/attention"] == {
+        "text": TEXT, "aggregation": "none", "encoding": "base64", "pool": 64
+    }  # fmt: skip
+    assert [path for path, _ in api.requests].count("/v1/attention") == 1
     assert sent["/v1/next-token"] == {"text": TEXT, "top_k": 10}
 
     # The screenshot: the heatmap region is drawn (many colours, not the blank background).

@@ -110,7 +110,7 @@ def test_attention_map_reports_selection_and_tokens():
     tokenizer = Tokenizer.train(generate_corpus(500, seed=0), vocab_size=300)
     ids = tokenizer.encode("The cat sits.")
     att = causal_maps(3, 2, len(ids))
-    result = attention_map(tokenizer, CONFIG, ids, att, AttentionOptions(heads=[1], decimals=8))
+    result = attention_map(tokenizer, CONFIG, ids, AttentionOptions(heads=[1], decimals=8), att=att)
     assert result.tokens == tokenizer.token_strings(ids) and result.token_ids == ids
     assert (result.n_layers, result.n_heads) == (3, 2)
     assert result.layers == [0, 1, 2] and result.heads == [1] and result.aggregation == "none"

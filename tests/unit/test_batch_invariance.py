@@ -104,6 +104,8 @@ def engine(request, artifact) -> Engine:
 def test_the_engine_checked_the_mode_at_start_up(engine):
     assert engine.model.batch_invariant
     assert engine.invariance_problem is None
+    engine.configure_attention(1 << 20, engine.max_attention_bytes)  # a hit's q, k are float16
+    assert not engine._qk_cache.enabled
 
 
 def test_next_token_is_the_same_alone_and_among_others(engine):

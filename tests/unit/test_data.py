@@ -170,7 +170,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(training.token_cache, "_pack", crash)
+    monkeypatch.setattr(training.token_cache, "tokenize_to_files", crash)
     dm = TextDataModule(cache_dir=str(tmp_path), **{**SMALL, "corpus_sentences": 200})
     with pytest.raises(RuntimeError, match="disk on fire"):
         dm.prepare_data()

@@ -114,9 +114,11 @@ def test_layer_and_head_selection_and_mean(engine):
         ],
     )
     assert picked.attention["shape"] == [1, 1, T, T]
-    np.testing.assert_allclose(decoded(picked.attention), full[[1]][:, [0]], atol=1e-6)
+    # maps come from q, k kept after an SDPA forward: the layers below differ from the explicit
+    # path's by float32 rounding (~1e-6 here), no more
+    np.testing.assert_allclose(decoded(picked.attention), full[[1]][:, [0]], atol=1e-5)
     assert mean.attention["shape"] == [2, T, T] and mean.layers == [1, 0]
-    np.testing.assert_allclose(decoded(mean.attention), full.mean(axis=1)[[1, 0]], atol=1e-6)
+    np.testing.assert_allclose(decoded(mean.attention), full.mean(axis=1)[[1, 0]], atol=1e-5)
 
 
 def test_rollout_endpoint_rows_sum_to_one(engine):
@@ -304,7 +306,7 @@ def test_many_texts_packed_equal_each_text_alone(engine):
     for text, att_map, nt in zip(texts, maps, batched, strict=True):
         ids = engine.encode(text)
         expected = full_attention(engine, ids).double().numpy()
-        np.testing.assert_allclose(decoded(att_map.attention), expected, atol=1e-6)
+        np.testing.assert_allclose(decoded(att_map.attention), expected, atol=1e-5)
         (single,) = engine.next_token([text], top_k=5)
         assert [t["token_id"] for t in nt.top] == [t["token_id"] for t in single.top]
         np.testing.assert_allclose(

@@ -65,3 +65,35 @@ def test_pack_rows_fills_rows_first_fit_and_places_every_text_once():
     for row in rows:
         assert sum(lengths[i] for i in row) <= 32 or row == [8]  # 70 tokens: a row of its own
     assert rows == [[8], [1, 2], [3, 0], [7, 6], [5, 4]]  # first fit by decreasing length
+
+
+def test_keep_qk_hands_over_each_texts_q_and_k_and_stops_there(monkeypatch):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=3, n_head=2, n_embd=16)
+    model = build_model(config).eval()
+    forwards = TextForwards(model, VOCAB, max_context=32, device=torch.device("cpu"))
+    rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 17, 3)]
+    with torch.no_grad():
+        alone = {}
+        for i, ids in enumerate(rows):
+            model(
+                torch.tensor([ids]),
+                attention_sink=lambda layer, q, k, i=i: alone.setdefault((i, layer), (q, k)),
+            )
+        monkeypatch.setattr(model.lm_head, "forward", None)  # no logits: a call would fail
+        monkeypatch.setattr(model.transformer.h[2], "forward", None)  # nor the layer above
+        kept = {}
+        placements = forwards.keep_qk(
+            rows, [0, 1], lambda layer, q, k: kept.setdefault(layer, (q, k))
+        )
+    assert sorted(i for i, _, _ in placements) == [0, 1, 2] and sorted(kept) == [0, 1]
+    for i, r, s in placements:
+        n = len(rows[i])
+        for layer in (0, 1):
+            q, k = kept[layer]
+            torch.testing.assert_close(
+                q[r, :, s : s + n], alone[i, layer][0][0], atol=1e-5, rtol=1e-4
+            )
+            torch.testing.assert_close(
+                k[r, :, s : s + n], alone[i, layer][1][0], atol=1e-5, rtol=1e-4
+            )

@@ -17,6 +17,7 @@ from serving.http import (
     ErrorGuard,
     install_error_handlers,
     request_id,
+    sse_event,
 )
 from serving.metrics import ServerMetrics
 from serving.schemas import NextTokenRequest
@@ -106,3 +107,16 @@ def test_validation_errors_are_400s_counted_in_the_replica_metrics(app):
     exposition = metrics.exposition().decode()
     assert 'attnlm_errors_total{endpoint="next-token",status="400"} 2.0' in exposition
     assert 'attnlm_requests_total{endpoint="next-token"} 2.0' in exposition
+
+
+def test_an_event_stays_one_line_whatever_the_text():
+    """U+0085, U+2028 and U+2029 are line ends to Python's splitlines (and httpx's iter_lines)
+    but JSON leaves them raw: an event escapes them, the same string to a JSON reader."""
+    import json
+
+    text = "a\x85b\u2028c\u2029d\ne\rf\x0bg\x1ch"
+    event = sse_event({"choices": [{"text": text}]})
+    assert event.endswith("\n\n") and event.startswith("data: ")
+    line = event[:-2]
+    assert line.splitlines() == [line]
+    assert json.loads(line[len("data: ") :]) == {"choices": [{"text": text}]}

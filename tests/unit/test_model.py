@@ -255,3 +255,41 @@ def test_config_round_trips_through_hf_dict():
     assert GPTConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown field"):
         GPTConfig.from_dict({**cfg.to_dict(), "n_experts": 4})
+
+
+# -- attention_layers / attention_sink: the explicit path only where asked -------------------------
+def _sink_config(attention: str = "dot_product") -> GPTConfig:
+    return GPTConfig(
+        vocab_size=300, block_size=16, n_layer=3, n_head=2, n_embd=16, attention=attention
+    )
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "additive"])
+def test_attention_layers_and_sink_give_the_explicit_maps(attention):
+    torch.manual_seed(0)
+    model = GPT(_sink_config(attention)).eval()
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        full = model(idx, return_attention=True)
+        part = model(idx, return_attention=True, attention_layers=[0, 2])
+        kept = {}
+        plain = model(idx, attention_sink=lambda i, q, k: kept.setdefault(i, (q, k)))
+    assert part.attention.shape == (2, 2, 2, 12, 12)
+    torch.testing.assert_close(part.attention, full.attention[[0, 2]])
+    torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert plain.attention is None and sorted(kept) == [0, 1, 2]
+    allowed = torch.ones(12, 12, dtype=torch.bool).tril()
+    for i, (q, k) in kept.items():  # the map from the kept q, k: the explicit path's, exactly
+        attn = model.transformer.h[i].attn
+        torch.testing.assert_close(attn.probabilities(q, k, allowed), full.attention[i])
+        one = attn.probabilities(q[:, [1]], k[:, [1]], allowed, heads=[1])  # a head alone
+        torch.testing.assert_close(one, full.attention[i][:, [1]])
+
+
+def test_attention_layers_must_be_ascending_indices():
+    model = GPT(_sink_config()).eval()
+    idx = torch.randint(0, 300, (1, 4))
+    for bad in ([3], [1, 0], [0, 0], [-1]):
+        with pytest.raises(ValueError, match="attention_layers"):
+            model(idx, return_attention=True, attention_layers=bad)

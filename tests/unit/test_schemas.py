@@ -204,3 +204,28 @@ def test_schema_states_the_text_and_seed_bounds():
         assert model.model_json_schema()["properties"]["text"]["minLength"] == 1
     layers = AttentionRequest.model_json_schema()["properties"]["layers"]["anyOf"][0]
     assert layers["minItems"] == 1 and layers["items"]["minimum"] == 0
+
+
+def test_attention_rows_pool_and_top_keys_are_bounded():
+    from serving.limits import MAX_ATTENTION_ROWS, MAX_POOL, MAX_TOP_KEYS
+
+    ok = AttentionRequest.model_validate({"text": "a", "rows": [-1, 3], "top_keys": MAX_TOP_KEYS})
+    assert ok.rows == [-1, 3] and ok.pool is None
+    assert AttentionRequest.model_validate({"text": "a", "rows": "last"}).rows == "last"
+    assert AttentionRequest.model_validate({"text": "a", "pool": MAX_POOL}).pool == MAX_POOL
+    for bad in (
+        {"rows": []},
+        {"rows": "first"},
+        {"rows": [0.5]},
+        {"rows": list(range(MAX_ATTENTION_ROWS + 1))},
+        {"pool": 0},
+        {"pool": MAX_POOL + 1},
+        {"top_keys": 0},
+        {"top_keys": MAX_TOP_KEYS + 1},
+        {"top_keys": "16"},
+    ):
+        with pytest.raises(ValidationError):
+            AttentionRequest.model_validate({"text": "a", **bad})
+    schema = AttentionRequest.model_json_schema()["properties"]
+    assert schema["pool"]["anyOf"][0]["maximum"] == MAX_POOL
+    assert schema["top_keys"]["anyOf"][0]["maximum"] == MAX_TOP_KEYS

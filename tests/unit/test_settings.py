@@ -23,10 +23,23 @@ def test_missing_keys_keep_their_defaults():
 
 def test_every_bad_value_is_named_at_once():
     with pytest.raises(ValueError) as info:
-        ServerSettings(max_batch_size=0, batch_wait_timeout_s=-1, max_in_flight=True)
+        ServerSettings(
+            max_batch_size=0,
+            batch_wait_timeout_s=-1,
+            max_in_flight=True,
+            attention_cache_bytes=-1,
+            max_attention_bytes=0,
+        )
     message = str(info.value)
-    for name in ("max_batch_size", "batch_wait_timeout_s", "max_in_flight"):
+    for name in (
+        "max_batch_size",
+        "batch_wait_timeout_s",
+        "max_in_flight",
+        "attention_cache_bytes",
+        "max_attention_bytes",
+    ):
         assert name in message
+    assert ServerSettings(attention_cache_bytes=0).attention_cache_bytes == 0  # the cache off
     with pytest.raises(ValueError, match="unknown key.*max_batch"):
         ServerSettings.from_user_config({"max_batch": 8})
 
