@@ -30,6 +30,7 @@ import torch
 
 from attnlm.fastdecode import StaticDecoder
 from attnlm.generate import GenerationStep, SamplingParams, SamplingState, token_budget
+from attnlm.invariance import decode_shape
 from attnlm.model import GPT
 
 
@@ -143,6 +144,10 @@ class DecodeBatch:
         if feeding:
             width = max(request.slots[-1] for request in feeding) + 1
             key_length = max(request.position for request in feeding) + 1
+            if self.model.batch_invariant:  # rows and keys the others change nothing in
+                width, key_length = decode_shape(
+                    width, key_length, self.n_slots, self.decoder.length
+                )
             logits = self._cut(self.decoder.step(width, key_length))  # (width, V)
             for request in feeding:
                 request.logits = logits[request.rows]  # (n, V)

@@ -141,7 +141,42 @@ def causal_mask(
     return allowed if allowed.dim() == 2 else allowed[:, None]
 
 
+KEY_BLOCK = 128  # keys per partial sum of the batch-invariant path (see `blocked_values`)
+
+
+def key_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q . k for every query/key pair, (B, nh, T, hs) x (B, nh, T_k, hs) -> (B, nh, T, T_k)
+    float32, each score summed over the head alone: no GEMM whose kernel follows the key count
+    (one query's q @ k^T does, for 16-wide heads on an AVX-512 CPU). For one query per row."""
+    return (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1)  # (B, nh, T, T_k)
+
+
+def blocked_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """weights (B, nh, T, T_k) @ v (B, nh, T_k, hs) as partial sums over blocks of `KEY_BLOCK`
+    keys added in key order, so that a key's contribution does not depend on how many keys
+    follow it (one fp32 GEMM over all the keys reblocks its sum past ~200 of them). One query
+    per row (T == 1) sums weight x value per key in float32 instead of a matrix-vector product,
+    whose kernel follows the key count; compiled, in one sum over every key (inductor's loop adds
+    them in order; a loop over blocks would make the graph recompile for each key span)."""
+    one_query = weights.size(-2) == 1
+    if one_query and torch.compiler.is_compiling():  # inductor's own loop sums keys in order
+        return (weights.float().unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(v.dtype)
+    weights = weights.float() if one_query else weights.to(v.dtype)
+    y = None
+    for start in range(0, v.size(-2), KEY_BLOCK):
+        w = weights[..., start : start + KEY_BLOCK]  # (B, nh, T, K)
+        values = v[..., start : start + KEY_BLOCK, :]  # (B, nh, K, hs)
+        if one_query:
+            part = (w.unsqueeze(-1) * values.float().unsqueeze(-3)).sum(-2)  # (B, nh, 1, hs)
+        else:
+            part = w @ values  # (B, nh, T, hs)
+        y = part if y is None else y + part
+    return y.to(v.dtype)
+
+
 class CausalSelfAttention(nn.Module):
+    batch_invariant = False  # `GPT.set_batch_invariant`: the explicit path, batch-invariant
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
@@ -212,6 +247,7 @@ class CausalSelfAttention(nn.Module):
         # below beats SDPA's masked kernel (32 rows x 256 keys, small shape, bf16: 13 vs 33 ms
         # eager, 6 vs 32 ms compiled; fp32 eager 24 vs 26 ms) and gives the same outputs
         explicit = return_attention or (mask is not None and t_query == 1 and q.is_cpu)
+        explicit = explicit or self.batch_invariant
         if not self.additive and not explicit:  # SDPA, its fast paths when no mask
             if mask is None and t_query == t_key:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -225,7 +261,10 @@ class CausalSelfAttention(nn.Module):
         allowed = causal_mask(t_query, t_key, q.device) if mask is None else mask
         att = self.probabilities(q, k, allowed)  # (B, nh, T, T_k)
         weights = F.dropout(att, p=dropout_p, training=self.training) if dropout_p else att
-        y = weights.to(v.dtype) @ v  # (B, nh, T, hs)
+        if self.batch_invariant:
+            y = blocked_values(weights, v)  # (B, nh, T, hs)
+        else:
+            y = weights.to(v.dtype) @ v  # (B, nh, T, hs)
         return y, att if return_attention else None
 
     def probabilities(
@@ -246,6 +285,8 @@ class CausalSelfAttention(nn.Module):
         """
         if self.additive:
             scores = self.additive_scores(q, k, heads)  # (B, h, T, T_k) float32
+        elif self.batch_invariant and q.size(-2) == 1:  # one query: no GEMV (`key_scores`)
+            scores = key_scores(q, k).mul_(1.0 / math.sqrt(q.size(-1)))  # (B, h, 1, T_k)
         else:  # in place on the fresh scores: a long text's maps are large
             scores = (q @ k.transpose(-2, -1)).float()  # (B, h, T, T_k)
             scores.mul_(1.0 / math.sqrt(q.size(-1)))
@@ -438,6 +479,18 @@ class GPT(nn.Module):
         ):
             raise ValueError(f"attention_layers must be ascending indices in 0..{n - 1}: {layers}")
         return frozenset(layers)
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.transformer.h[0].attn.batch_invariant
+
+    def set_batch_invariant(self, on: bool = True) -> None:
+        """Batch-invariant attention (`attnlm.invariance`): every layer takes the explicit path,
+        its values summed over fixed blocks of keys, one query's scores summed per key; a
+        text's numbers then do not depend on how far its row is padded nor on how many rows
+        share the forward, as long as each forward has >= 16 rows of tokens. Slower than SDPA."""
+        for block in self.transformer.h:
+            block.attn.batch_invariant = on
 
     # -- KV cache ------------------------------------------------------------------------------
     def set_kv_cache(

@@ -39,7 +39,9 @@ it. Its CPU time (getrusage of children) is reported as a share of one core. Wit
 httpx.AsyncClient loop with a fixed request count and bounded concurrency stands in, and its own
 CPU share is reported the same way (a high share means the client is the bottleneck).
 
-Targets print PASS/FAIL lines; they are informational (exit status 0).
+Targets print PASS/FAIL lines; they are informational (exit status 0). What `batch_invariant`
+costs, off and on side by side in interleaved rounds (engine and HTTP, concurrency 1, 8, 32):
+bench/invariance_cost.py.
 
 Run (from the repository root; ~4 minutes full, ~2 minutes --quick, on 2 cores):
 

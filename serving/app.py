@@ -175,13 +175,16 @@ class AttnLMServer:
         api_keys: str | list[str] | None = None,
         metrics_require_key: bool = False,
         compile: bool = False,
+        batch_invariant: bool = False,
     ) -> None:
         """Load `artifact`, served as `model_name` (default the folder's name); `api_keys` (with
         those of $ATTNLM_API_KEY, `serving.auth`) guard every route but /health and the viewer
-        page, /metrics too with `metrics_require_key`; `compile` compiles the decode step
-        (`Engine`)."""
+        page, /metrics too with `metrics_require_key`; `compile` compiles the decode step,
+        `batch_invariant` makes every request's numbers independent of its batch (`Engine`)."""
         access = Access.configure(api_keys, metrics_require_key)
-        self.engine = Engine(artifact, device=device, dtype=dtype, compile=compile)
+        self.engine = Engine(
+            artifact, device=device, dtype=dtype, compile=compile, batch_invariant=batch_invariant
+        )
         if model_name is not None:  # the served model id; the engine's default: the folder's name
             self.engine.model_name = model_name
         self.created = int(time.time())
@@ -582,10 +585,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     `dtype`, `model_name` (the served model id: `/v1/models`, the `model` of requests and
     responses; default the artifact folder's name), `api_keys` (a key or a list;
     $ATTNLM_API_KEY adds to them), `metrics_require_key`, `compile` (the decode step, default
-    false). They are checked here, before any
+    false), `batch_invariant` (default false). They are checked here, before any
     replica starts (`check_app_args`): a bad one fails the application with one line."""
     args = check_app_args(args)
-    access = {k: args[k] for k in ("api_keys", "metrics_require_key", "compile") if k in args}
+    access = {
+        k: args[k]
+        for k in ("api_keys", "metrics_require_key", "compile", "batch_invariant")
+        if k in args
+    }
     return AttnLMServer.bind(
         args["artifact"], args.get("device"), args.get("dtype"), args.get("model_name"), **access
     )

@@ -31,6 +31,7 @@ APP_ARGS = (
     "device",
     "dtype",
     "compile",
+    "batch_invariant",
     "model_name",
     "api_keys",
     "metrics_require_key",
@@ -65,8 +66,9 @@ def check_app_args(args: dict[str, Any]) -> dict[str, Any]:
             errors.append(f"'device' must be a torch device (cpu, cuda, cuda:1), got {device!r}")
     if dtype is not None and dtype not in (*_DTYPES, "auto"):
         errors.append(f"'dtype' must be one of {', '.join([*_DTYPES, 'auto'])}, got {dtype!r}")
-    if not isinstance(args.get("compile", False), bool):
-        errors.append(f"'compile' must be true or false, got {args['compile']!r}")
+    for flag in ("compile", "batch_invariant"):
+        if not isinstance(args.get(flag, False), bool):
+            errors.append(f"'{flag}' must be true or false, got {args[flag]!r}")
     if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
         errors.append(f"'model_name' must be a non-empty string, got {model_name!r}")
     try:  # the keys alone: those of $ATTNLM_API_KEY join them in each replica

@@ -18,7 +18,8 @@ rollout, encoding), `serving.detok` (incremental text, stop strings, logprobs),
 
 `next_token` and `attention` batch any number of texts in one forward, packed side by side in
 rows (each text with its own positions, attending only to itself: the same numbers as alone, with
-almost no padding); an LSTM model gets right-padded length buckets instead. Completions decode
+almost no padding); an LSTM model gets right-padded length buckets instead, a batch-invariant
+engine texts padded to multiples of 16 (`attnlm.invariance`). Completions decode
 their `n` samples on the KV cache; those in flight at the same time share each decode step
 (`serving.decoder.DecodeBatcher`, on the compiled decode step with `compile=True`), except
 requests for attention maps, which go through `attnlm.generate.stream` alone. The served
@@ -27,6 +28,7 @@ vocabulary is the tokenizer's (`load_artifact` crops a padded folder's extra row
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attnlm import invariance
 from attnlm.artifact import load_artifact
 from attnlm.batching import DecodeBatch
 from attnlm.fastdecode import preferred_dtype, weight_bytes
@@ -82,6 +85,7 @@ DECODE_SLOTS = 32  # rows of the shared KV cache that concurrent completions dec
 # decode steps a non-streamed completion's thread takes at once (one wake-up each); a stop string
 # is seen at most this many steps late, which are decoded in vain
 COMPLETION_CHUNK = 16
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -133,6 +137,7 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         max_tokens_limit: int | None = None,
         compile: bool = False,
+        batch_invariant: bool = False,
         attention_cache_bytes: int = DEFAULT_ATTENTION_CACHE_BYTES,
         max_attention_bytes: int = DEFAULT_MAX_ATTENTION_BYTES,
     ) -> None:
@@ -146,6 +151,12 @@ class Engine:
             max_tokens_limit: the largest `max_tokens` a completion may ask; default the context.
             compile: compile the decode step completions share (`attnlm.fastdecode`: inductor
                 on CPU, CUDA graphs on CUDA), warmed up here; eager, logged, where it cannot.
+            batch_invariant: a request's numbers do not depend on what else is batched with
+                it (`attnlm.invariance`; slower): the model's batch-invariant attention, texts
+                padded to multiples of 16 instead of packed rows, decode steps of fixed minimum
+                shapes; checked
+                here on the model's weights (`invariance_problem`, logged, says what failed).
+                Transformers only.
             attention_cache_bytes, max_attention_bytes: see `configure_attention`.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -164,6 +175,13 @@ class Engine:
             dtype = preferred_dtype(self.device, weight_bytes(self.model))
             self.model.to(dtype)
         self.dtype = dtype
+        if batch_invariant and not self.model.has_attention:
+            raise ValueError(
+                f"batch_invariant needs a Transformer; {artifact} holds an "
+                f"{loaded.config.arch.upper()}"
+            )
+        if batch_invariant:
+            self.model.set_batch_invariant(True)
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.info = loaded.info
@@ -173,7 +191,7 @@ class Engine:
         self.max_context = self.config.block_size
         self._max_text_chars = max_text_chars(self.tokenizer, self.max_context)
         self._forwards = TextForwards(
-            self.model, self.tokenizer.vocab_size, self.max_context, self.device
+            self.model, self.tokenizer.vocab_size, self.max_context, self.device, batch_invariant
         )
         if max_tokens_limit is None:
             max_tokens_limit = self.max_context
@@ -188,6 +206,11 @@ class Engine:
         if self.model.has_attention:
             batch = DecodeBatch(self.model, DECODE_SLOTS, compile, self.tokenizer.vocab_size)
             self._batcher = DecodeBatcher(batch, self._lock)
+        self.invariance_problem = None  # what the start-up check found (batch_invariant)
+        if batch_invariant:
+            self.invariance_problem = invariance.check(self.model, batch)
+            if self.invariance_problem is not None:
+                log.warning("batch_invariant does not hold here: %s", self.invariance_problem)
 
     def configure_attention(self, cache_bytes: int, max_answer_bytes: int) -> None:
         """The bytes of recent texts' q and k kept for their next attention request (float16,
@@ -201,6 +224,9 @@ class Engine:
             raise ValueError(
                 f"max_attention_bytes must be an integer >= 1, got {max_answer_bytes!r}"
             )
+        if self._forwards.batch_invariant and cache_bytes:  # a hit's float16 q, k: other bits
+            log.info("batch_invariant: no attention cache (attention_cache_bytes %d)", cache_bytes)
+            cache_bytes = 0
         self._qk_cache.resize(cache_bytes)
         self.max_attention_bytes = max_answer_bytes
 
@@ -384,16 +410,19 @@ class Engine:
         def sink(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
             kept[layer] = (q, k)  # (B, H, T, hs) each
 
-        placements = self._forwards.keep_qk(rows, layers, sink)
-        for j, r, s in placements:
-            n = len(rows[j])
-            qk = [None] * L
-            for layer, (q, k) in kept.items():
-                qk[layer] = (q[r, :, s : s + n], k[r, :, s : s + n])  # (H, n, hs)
-            status = None if cache is None else "miss"
-            maps[where[j]] = self._map_from_qk(rows[j], qk, options[j], status)
-            if cache is not None:
-                cache.put(rows[j], qk)
+        for group in self._forwards.groups(rows):  # one group, but in batch-invariant mode
+            kept.clear()
+            placements = self._forwards.keep_qk([rows[j] for j in group], layers, sink)
+            for g, r, s in placements:
+                j = group[g]
+                n = len(rows[j])
+                qk = [None] * L
+                for layer, (q, k) in kept.items():
+                    qk[layer] = (q[r, :, s : s + n], k[r, :, s : s + n])  # (H, n, hs)
+                status = None if cache is None else "miss"
+                maps[where[j]] = self._map_from_qk(rows[j], qk, options[j], status)
+                if cache is not None:
+                    cache.put(rows[j], qk)
 
     def _map_from_qk(
         self, ids: list[int], qk: list, options: AttentionOptions, cache: str | None

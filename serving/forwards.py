@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from attnlm.invariance import padded_length
 from attnlm.lstm import LSTMLM
 from attnlm.model import GPT, AttentionSink, GPTOutput
 
@@ -64,16 +65,25 @@ class TextForwards:
     """The model's forwards over token rows of whole texts, on one device."""
 
     def __init__(
-        self, model: GPT | LSTMLM, vocab_size: int, max_context: int, device: torch.device
+        self,
+        model: GPT | LSTMLM,
+        vocab_size: int,
+        max_context: int,
+        device: torch.device,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.vocab_size = vocab_size  # the tokenizer's: logits past it are cut off
         self.max_context = max_context
         self.device = device
+        self.batch_invariant = batch_invariant  # padded as `attnlm.invariance` says, not packed
 
     def padded(self, rows: list[list[int]], return_attention: bool = False) -> GPTOutput:
         """One forward over right-padded rows; logits cut to the tokenizer's vocabulary."""
-        idx = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)  # (B, T)
+        width = max(len(r) for r in rows)
+        if self.batch_invariant:  # the next multiple of 16 positions (attnlm.invariance)
+            width = padded_length(width, self.max_context)
+        idx = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
         for b, ids in enumerate(rows):
             idx[b, : len(ids)] = torch.tensor(ids)
         out = self.model(idx.to(self.device), return_attention=return_attention)
@@ -94,12 +104,30 @@ class TextForwards:
             if layer == last:
                 raise _Kept
 
-        placements, idx, segments = self._packed(rows)
+        if self.batch_invariant:  # rows of one padded length (`groups`), right-padded
+            placements, segments = [(i, i, 0) for i in range(len(rows))], None
+            width = padded_length(max(len(r) for r in rows), self.max_context)
+            idx = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+            for b, ids in enumerate(rows):
+                idx[b, : len(ids)] = torch.tensor(ids)
+            idx = idx.to(self.device)
+        else:
+            placements, idx, segments = self._packed(rows)
         try:
             self.model(idx, segments=segments, attention_layers=layers, attention_sink=keep)
         except _Kept:
             return placements
         raise AssertionError(f"the forward went past layer {last}'s q and k")
+
+    def groups(self, rows: list[list[int]]) -> list[list[int]]:
+        """Indices of `rows` that share a forward: all of them, or in batch-invariant mode those
+        of one padded length (`attnlm.invariance.padded_length`), longest first."""
+        if not self.batch_invariant:
+            return [list(range(len(rows)))]
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(rows):
+            by_length.setdefault(padded_length(len(ids), self.max_context), []).append(i)
+        return [group for _, group in sorted(by_length.items(), reverse=True)]
 
     def batches(
         self, rows: list[list[int]], return_attention: bool = False
@@ -111,9 +139,18 @@ class TextForwards:
         positions and attending only to itself (`segments`), so one forward of nearly no padding
         serves them all (texts of 4 to 27 tokens: 1.5x faster than length buckets). A model
         without attention (the LSTM) cannot: rows sorted by length are cut into buckets whose
-        right padding stays under `MAX_PADDING` of their tokens.
+        right padding stays under `MAX_PADDING` of their tokens. Batch-invariant
+        (`attnlm.invariance`): each text right-padded to the next multiple of 16 positions, one
+        forward per padded length, so a text's shapes are its own whatever the others are (32
+        texts of 4-27 tokens, small shape, bf16: 1.2x faster than packed rows, 1.5x than length
+        buckets: docs/benchmarks.md).
         """
         lengths = [len(r) for r in rows]
+        if self.batch_invariant:  # one forward per padded length
+            for group in self.groups(rows):
+                placements = [(i, b, 0) for b, i in enumerate(group)]
+                yield placements, self.padded([rows[i] for i in group], return_attention)
+            return
         if not self.model.has_attention:
             for bucket in length_buckets(lengths, MAX_PADDING):
                 placements = [(i, b, 0) for b, i in enumerate(bucket)]

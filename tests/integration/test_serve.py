@@ -680,6 +680,82 @@ def test_a_completion_past_its_deadline_is_a_504_or_an_error_event(server, artif
         serve.delete("deadline")
 
 
+# -- batch invariance ----------------------------------------------------------------------------------
+INVARIANT_TEXTS = [
+    "The cats near the dog",
+    "A dog",
+    "The cat that was sitting on the mat",
+    "The keys to the cabinet",
+    "Birds",
+    "The author of the books that the critics praised",
+    "The cat sits.",
+    "A bird near the trees sings",
+]
+BUSY_TEXTS = [("The dog that the cats near the tree " * 3)[: 6 + 9 * i] for i in range(16)]
+
+
+def invariant_bodies(text: str, i: int) -> dict[str, dict]:
+    return {
+        "/invariant/v1/next-token": {"text": text, "top_k": 20},
+        "/invariant/v1/attention": {"text": text, "aggregation": "rollout", "decimals": 8},
+        "/invariant/v1/completions": {
+            "model": "tiny",
+            "prompt": text,
+            "max_tokens": 12,
+            "temperature": 0.9,
+            "seed": i,
+            "logprobs": 3,
+            "n": 1 + i % 2,
+        },
+    }
+
+
+def test_batch_invariant_numbers_alone_and_among_16_others(server, artifact):
+    """`batch_invariant: true`: every endpoint's numbers, as JSON floats, are the same alone and
+    among 16 other requests of other lengths (batched forwards, shared decode steps)."""
+    deploy(
+        "invariant",
+        artifact,
+        bind={"batch_invariant": True},
+        user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "max_in_flight": 64},
+        max_ongoing_requests=64,
+    )
+    wait_healthy(server, "/invariant/health")
+    try:
+        requests = [
+            (path, body)
+            for i, text in enumerate(INVARIANT_TEXTS)
+            for path, body in invariant_bodies(text, i).items()
+        ]
+        alone = [server.post(path, json=body).json() for path, body in requests]
+        busy = [
+            (path, body)
+            for i, text in enumerate(BUSY_TEXTS)
+            for path, body in invariant_bodies(text, 100 + i).items()
+        ]
+
+        async def crowd(path: str) -> list[httpx.Response]:
+            ours = [(p, b) for p, b in requests if p == path]
+            others = [(p, b) for p, b in busy if p == path]
+            mixed = [x for pair in zip(others, ours, strict=False) for x in pair]
+            mixed += others[len(ours) :]  # each of ours among 16 others
+            async with httpx.AsyncClient(base_url=str(server.base_url), timeout=120) as client:
+                answers = await asyncio.gather(*[client.post(p, json=b) for p, b in mixed])
+            return [r for (p, b), r in zip(mixed, answers, strict=True) if (p, b) in ours]
+
+        for path in invariant_bodies("", 0):
+            want = [a for (p, _), a in zip(requests, alone, strict=True) if p == path]
+            got = asyncio.run(crowd(path))
+            assert [r.status_code for r in got] == [200] * len(want)
+            for g, w in zip(got, want, strict=True):
+                g = g.json()
+                for volatile in ("id", "created"):
+                    g.pop(volatile, None), w.pop(volatile, None)
+                assert g == w, path
+    finally:
+        serve.delete("invariant")
+
+
 # -- a replica lost, a replica drained ----------------------------------------------------------------
 def replica_pids(app_name: str) -> list[int]:
     """Process ids of the Serve replicas of `app_name` (their title is ray::ServeReplica:APP:...)."""

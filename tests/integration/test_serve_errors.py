@@ -72,7 +72,7 @@ def test_serve_run_of_the_builder_with_bad_args_exits_with_our_line_last(tmp_pat
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.endswith(
-        "bad application args: unknown arg 'dtyp' (known: artifact, device, dtype, compile, model_name, api_keys, metrics_require_key)"
+        "bad application args: unknown arg 'dtyp' (known: artifact, device, dtype, compile, batch_invariant, model_name, api_keys, metrics_require_key)"
     )
     assert "ray.init" not in proc.stderr and "Started a local Ray instance" not in proc.stderr
 

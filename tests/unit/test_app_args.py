@@ -40,7 +40,7 @@ def test_good_args_come_back_with_the_artifact_absolute(artifact, monkeypatch):
         ({"artifact": 3}, "'artifact' must be a folder path, got 3"),
         (
             {"artifact": "x", "dtyp": "float32"},
-            "unknown arg 'dtyp' (known: artifact, device, dtype, compile, model_name, api_keys, metrics_require_key)",
+            "unknown arg 'dtyp' (known: artifact, device, dtype, compile, batch_invariant, model_name, api_keys, metrics_require_key)",
         ),
         (
             {"artifact": "x", "device": "gpu0"},

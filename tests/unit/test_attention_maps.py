@@ -59,7 +59,7 @@ def test_encode_array_json_and_base64():
     # a contiguous array the server writes as nested lists of the rounded values
     assert isinstance(data, np.ndarray) and data.flags.c_contiguous
     assert data.tolist() == [[0.12, 1.0], [0.5, -2.25]]
-    from serving.app import dumps
+    from serving.http import dumps
 
     assert dumps(data) == b"[[0.12,1.0],[0.5,-2.25]]"
     as_b64 = encode_array(t, "base64", 4)
