@@ -172,7 +172,12 @@ class StaticDecoder:
         of the cache and return the next-token logits after it (n, V) float32. Positions past
         T in those rows keep whatever they held: a step masks them until it writes them."""
         n, T = prompt.shape
-        if rows.shape != (n,) or not 1 <= T <= self.length:
+        if (
+            rows.shape != (n,)
+            or not 1 <= T <= self.length
+            or n < 1
+            or not 0 <= int(rows.min()) <= int(rows.max()) < self.slots
+        ):
             raise ValueError(
                 f"prefill of a {tuple(prompt.shape)} prompt into {tuple(rows.shape)} rows; "
                 f"the decoder has {self.slots} slots of {self.length} positions"

@@ -126,8 +126,9 @@ def test_compiled_prefill_writes_the_rows_an_eager_one_does(model, compiled, cap
             for shared, layer in zip(d.cache, own, strict=True):
                 torch.testing.assert_close(shared.k[rows, :, :T], layer.k, atol=1e-6, rtol=0)
                 torch.testing.assert_close(shared.v[rows, :, :T], layer.v, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="prefill"):
-        decoder.prefill(prompt(2, 3, 1), torch.tensor([0]))
+    for ids, rows in [(prompt(2, 3, 1), torch.tensor([0])), (prompt(1, 3, 1), torch.tensor([6]))]:
+        with pytest.raises(ValueError, match="prefill"):
+            decoder.prefill(ids, rows)
     decoder._clear()
 
 
