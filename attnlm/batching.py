@@ -8,8 +8,8 @@ decode step is one forward over all of them, each row at its own position.
         for request, step in batch.step():     # one GenerationStep per request still decoding
             ...                                # request.done: that was its last step
 
-A request is prefilled alone (one forward of its prompt into a cache of its own, then copied
-into its slots of the shared cache: `KVCache.copy_rows`); then each `step` samples every active
+A request is prefilled alone (one forward of its prompt, writing its keys and values straight
+into its slots of the shared cache: `StaticDecoder.prefill`); then each `step` samples every active
 row with its request's own parameters, generator, stop ids and budget (`SamplingState.choose`,
 the step `attnlm.generate.stream` takes too) and feeds the rows that go on in one decode step of
 `attnlm.fastdecode.StaticDecoder`: its preallocated cache and token/position buffers, rows 0 ..
@@ -31,7 +31,7 @@ import torch
 from attnlm.fastdecode import StaticDecoder
 from attnlm.generate import GenerationStep, SamplingParams, SamplingState, token_budget
 from attnlm.invariance import decode_shape
-from attnlm.model import GPT, GPTOutput, KVCache
+from attnlm.model import GPT
 
 
 class DecodeRequest:
@@ -72,6 +72,7 @@ class DecodeBatch:
         self.model = model
         self.n_slots = slots
         self.vocab_size = model.config.vocab_size if vocab_size is None else vocab_size
+        self._full_vocab = self.vocab_size >= model.config.vocab_size  # nothing to cut
         self.requests: list[DecodeRequest] = []  # decoding now, in the order they joined
         self._free = list(range(slots))
         # the shared cache (per layer, `slots` rows) and, per slot, the last token and where it
@@ -102,15 +103,11 @@ class DecodeBatch:
             return None
         if n > len(self._free):
             raise ValueError(f"{n} rows; the batch has {len(self._free)} free slots")
-        own = self._new_cache(n, T)
-        out = self._forward(own, prompt, input_pos=0)
         self._free.sort()  # lowest slots first: the decoded rows stay few
         sampling = SamplingState(params, n, budget, prompt.device, prompt)
         request = DecodeRequest(self._free[:n], sampling, T, prompt.device)
-        for shared, prefilled in zip(self.decoder.cache, own, strict=True):
-            shared.copy_rows(request.slot_index, prefilled)
+        request.logits = self._cut(self.decoder.prefill(prompt, request.slot_index))  # (n, V)
         del self._free[:n]
-        request.logits = out.logits[:, -1, : self.vocab_size].float()  # (n, V)
         self.requests.append(request)
         return request
 
@@ -148,26 +145,15 @@ class DecodeBatch:
             width = max(request.slots[-1] for request in feeding) + 1
             key_length = max(request.position for request in feeding) + 1
             if self.model.batch_invariant:  # rows and keys the others change nothing in
-                decoder = self.decoder
-                width, key_length = decode_shape(width, key_length, self.n_slots, decoder.length)
-            logits = self.decoder.step(width, key_length)[:, : self.vocab_size]  # (width, V)
+                width, key_length = decode_shape(
+                    width, key_length, self.n_slots, self.decoder.length
+                )
+            logits = self._cut(self.decoder.step(width, key_length))  # (width, V)
             for request in feeding:
                 request.logits = logits[request.rows]  # (n, V)
                 request.position += 1
         return results
 
-    def _new_cache(self, rows: int, length: int | None) -> list[KVCache]:
-        """A KV cache of the model's (per layer), not left installed in it."""
-        self.model.set_kv_cache(rows, length)
-        try:
-            return self.model.kv_cache_state()
-        finally:
-            self.model.clear_kv_cache()
-
-    def _forward(self, cache: list[KVCache], idx: torch.Tensor, **kwargs) -> GPTOutput:
-        """One forward of the model on `cache` (installed for this call only)."""
-        self.model.load_kv_cache_state(cache)
-        try:
-            return self.model(idx, **kwargs)
-        finally:
-            self.model.clear_kv_cache()
+    def _cut(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, V) of the tokenizer's ids only, for a vocabulary padded past them."""
+        return logits if self._full_vocab else logits[:, : self.vocab_size]

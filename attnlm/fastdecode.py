@@ -2,6 +2,7 @@
 once.
 
     decoder = StaticDecoder(model, slots=32, compile=True)   # compiled and warmed up here
+    logits = decoder.prefill(prompt, rows)                     # (n, T) ids into rows (n,)
     decoder.tokens[:2] = next_ids                              # (slots,) buffers, written in place
     decoder.positions[:2] = where_they_go
     logits = decoder.step(width=2, key_length=12)              # (2, V) float32
@@ -17,16 +18,22 @@ without Python or synchronisation inside:
 - CPU: `torch.compile` (inductor) with frozen weights and the C++ wrapper, dynamic in width and
   key length: one graph, compiled by the warm-up at construction (a step of one row runs two, as
   dynamo would specialise size 1 into a second graph); a later recompile is refused and that
-  call runs eager (logged). The key length follows the rows: reading the whole cache (32 rows x
-  256 positions at the small shape, 150 MB in fp32) every step doubled a step's time. The
-  weights are frozen into the graph: changing them afterwards goes unseen.
+  call runs eager (logged). A call evaluates only the guards telling the two graphs apart
+  (`skip_guard_eval_unsafe`): its inputs are always views of the decoder's own buffers, in
+  inference mode, over the range of key spans the warm-up compiled. The key length follows the
+  rows: reading the whole cache (32 rows x 256 positions at the small shape, 150 MB in fp32)
+  every step doubled a step's time. The weights are frozen into the graph: changing them
+  afterwards goes unseen. A model under CPU_BF16_MIN_BYTES compiles its kernels single-threaded.
+  The prompt's forward (`prefill`: keys and values written straight into the request's rows, the
+  last position's logits) is compiled too, one graph for one row of 2+ tokens (others eager).
 - CUDA: one CUDA graph per width bucket (1, 2, 4, ..., slots) over the whole cache (GPU memory
   is fast enough to read it all), captured at construction; `step` replays the bucket that holds
   `width` rows. Idle rows of the bucket feed token 0 at position 0, as idle slots always do.
 - anything else, or a compiler that fails: the same step eager, with the reason in `fallback`.
 
 `preferred_dtype` is what `dtype: auto` means for serving: bfloat16 where the hardware computes
-it natively (measured: docs/benchmarks.md, "Decode speed").
+it natively and the model is large enough for it to pay (measured: docs/benchmarks.md, "Decode
+speed").
 """
 
 from __future__ import annotations
@@ -46,6 +53,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("eager", "inductor", "cuda-graphs")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
+# float32 weights from which a CPU decode step reads its weights from memory rather than from
+# the caches (docs/benchmarks.md, "Decode speed": the tiny shape, 3.7 MB, vs the small one, 44 MB):
+# from there bfloat16 pays (half the bytes) and the compiled kernels take torch's threads; below,
+# float32 is faster and the kernels run on one thread (OpenMP's fork/join costs more than the work)
+CPU_BF16_MIN_BYTES = 16 * 2**20
 
 
 def cpu_flags() -> set[str]:
@@ -60,13 +72,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def preferred_dtype(device: torch.device | str) -> torch.dtype:
-    """bfloat16 on CUDA and on CPUs with native bf16 arithmetic (AVX-512 bf16, AMX), else
-    float32 (elsewhere bf16 is emulated, and slower than fp32)."""
+def preferred_dtype(device: torch.device | str, weight_bytes: int | None = None) -> torch.dtype:
+    """The dtype that decodes fastest here, for a model of `weight_bytes` bytes of float32
+    weights (None: a large one). bfloat16 on CUDA. On CPUs with native bf16 arithmetic (AVX-512
+    bf16, AMX), bfloat16 from CPU_BF16_MIN_BYTES of weights, where a step reads its weights
+    from memory and half the bytes pay; below, where they stay in the caches and per-op work
+    sets a step's time, float32 (bf16 is slower there). Elsewhere float32 (bf16 is emulated)."""
     device = torch.device(device)
-    if device.type == "cuda" or (device.type == "cpu" and cpu_flags() & set(CPU_BF16_FLAGS)):
+    if device.type == "cuda":
         return torch.bfloat16
+    if device.type == "cpu" and cpu_flags() & set(CPU_BF16_FLAGS):
+        if weight_bytes is None or weight_bytes >= CPU_BF16_MIN_BYTES:
+            return torch.bfloat16
     return torch.float32
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters in float32."""
+    return 4 * sum(p.numel() for p in model.parameters())
 
 
 class _Step(nn.Module):
@@ -116,9 +139,17 @@ class StaticDecoder:
         self.mode = "eager"
         self.fallback: str | None = None if compile else "compile off"
         self._step = _Step(model)
+        self._run = self._run_eager  # the step of this mode
         self._compiled = None  # inductor: the compiled _Step of the model's copy
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket ->
         self._buckets: list[int] = []
+        # the prompt's forward writes straight into the cache's rows (a copy of the model's
+        # modules with _SlotWriters for caches); compiled beside the step on CPU
+        self._prefill = _Prefill(_sharing_weights(model), self.cache)
+        self._prefill_compiled = None
+        self._prefill_rows = 0  # the compiled prefill takes prompts of up to this many rows
+        self._prompt = torch.zeros(slots, self.length, dtype=torch.long, device=weight.device)
+        self._rows = torch.zeros(slots, dtype=torch.long, device=weight.device)
         if compile:
             self._compile()
 
@@ -126,30 +157,70 @@ class StaticDecoder:
         """Feed rows 0..width-1 their `tokens` at their `positions` (each < key_length) and
         return their next-token logits (width, V) float32, attending over cache positions
         0..key_length-1."""
-        if not torch.is_inference_mode_enabled():  # (DecodeBatch calls it in inference mode)
-            with torch.inference_mode():
-                return self.step(width, key_length)
         if not 1 <= width <= self.slots or not 1 <= key_length <= self.length:
             raise ValueError(
                 f"step over {width} rows and {key_length} keys; the decoder has {self.slots} "
                 f"slots of {self.length} positions"
             )
-        if self.mode == "cuda-graphs":
-            graph, logits = self._graphs[self._buckets[bisect.bisect_left(self._buckets, width)]]
-            graph.replay()
-            return logits[:width].clone()  # the graph's output is overwritten by the next replay
-        if self.mode == "inductor":
-            try:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    return self._compiled(self.tokens[:width], self.positions[:width], key_length)
-            except Exception as err:  # a shape the warm-up did not compile: this call eager
-                reason = _reason(err)
-                log.warning("decode step of %d x %d keys eager: %s", width, key_length, reason)
+        if not torch.is_inference_mode_enabled():  # (DecodeBatch calls it in inference mode)
+            with torch.inference_mode():
+                return self._run(width, key_length)
+        return self._run(width, key_length)
+
+    def prefill(self, prompt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Write the keys and values of `prompt` (n, T), positions 0..T-1, into rows `rows` (n,)
+        of the cache and return the next-token logits after it (n, V) float32. Positions past
+        T in those rows keep whatever they held: a step masks them until it writes them."""
+        n, T = prompt.shape
+        if (
+            rows.shape != (n,)
+            or not 1 <= T <= self.length
+            or n < 1
+            or not 0 <= int(rows.min()) <= int(rows.max()) < self.slots
+        ):
+            raise ValueError(
+                f"prefill of a {tuple(prompt.shape)} prompt into {tuple(rows.shape)} rows; "
+                f"the decoder has {self.slots} slots of {self.length} positions"
+            )
+        with torch.inference_mode():
+            if self._prefill_compiled is not None and T > 1 and n <= self._prefill_rows:
+                # the graph's inputs are this decoder's own buffers, whatever the caller's
+                # tensors are (inference tensors or not, strides): no guard tells them apart
+                self._prompt[:n, :T] = prompt
+                self._rows[:n] = rows
+                try:
+                    with torch.compiler.set_stance("fail_on_recompile"):
+                        return self._prefill_compiled(self._prompt[:n, :T], self._rows[:n])
+                except Exception as err:  # a shape the warm-up did not compile: eager
+                    log.warning("prefill of %d x %d tokens eager: %s", n, T, _reason(err))
+            return self._prefill(prompt, rows)
+
+    def _run_eager(self, width: int, key_length: int) -> torch.Tensor:
         self.model.load_kv_cache_state(self.cache)
         try:
             return self._step(self.tokens[:width], self.positions[:width], key_length)
         finally:
             self.model.clear_kv_cache()
+
+    def _run_inductor(self, width: int, key_length: int) -> torch.Tensor:
+        # Only the guards telling the warmed graphs apart are evaluated (one row or more): the
+        # inputs are always views of this decoder's own buffers (same dtype, device, strides),
+        # inference mode is on, the weights are frozen into the graphs, and a key span is
+        # >= 2 and <= the cache (a span of 1 reads 2: the extra key is masked), the range
+        # the warm-up compiled; a call that would recompile is refused and runs eager.
+        try:
+            with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
+                return self._compiled(
+                    self.tokens[:width], self.positions[:width], max(key_length, 2)
+                )
+        except Exception as err:  # a shape the warm-up did not compile: this call eager
+            log.warning("decode step of %d x %d keys eager: %s", width, key_length, _reason(err))
+        return self._run_eager(width, key_length)
+
+    def _run_cuda_graphs(self, width: int, key_length: int) -> torch.Tensor:
+        graph, logits = self._graphs[self._buckets[bisect.bisect_left(self._buckets, width)]]
+        graph.replay()
+        return logits[:width].clone()  # the graph's output is overwritten by the next replay
 
     # -- compilation ------------------------------------------------------------------------------
     def _compile(self) -> None:
@@ -164,9 +235,15 @@ class StaticDecoder:
             else:
                 raise RuntimeError(f"no compiled decode step for device {device!r}")
         except Exception as err:
-            self.mode, self.fallback = "eager", _reason(err)
+            self.mode, self.fallback, self._run = "eager", _reason(err), self._run_eager
             self._compiled, self._graphs, self._buckets = None, {}, []
             log.warning("decode step not compiled, eager instead: %s", self.fallback)
+        if self.mode == "inductor":
+            try:
+                self._compile_prefill()
+            except Exception as err:
+                self._prefill_compiled, self._prefill_rows = None, 0
+                log.warning("prefill not compiled, eager instead: %s", _reason(err))
         self._clear()
 
     @torch.inference_mode()
@@ -178,23 +255,45 @@ class StaticDecoder:
             # frozen weights must be on while dynamo traces, not only inside inductor
             with inductor_config.patch(freezing=True, cpp_wrapper=True, **options):
                 for width in widths:
-                    for key_length in sorted({min(2, self.length), self.length}):
+                    for key_length in sorted({2, self.length}):
                         compiled(self.tokens[:width], self.positions[:width], key_length)
         with torch.compiler.set_stance("fail_on_recompile"):  # a new shape needs no new graph
             width = max(self.slots - 1, 1)
-            compiled(self.tokens[:width], self.positions[:width], max(self.length - 1, 1))
+            compiled(self.tokens[:width], self.positions[:width], max(self.length - 1, 2))
         self._compiled, self.mode, self.fallback = compiled, "inductor", None
+        self._run = self._run_inductor
+
+    @torch.inference_mode()
+    def _compile_prefill(self) -> None:
+        """Inductor for the prompt's forward: one graph for one row and 2..length tokens
+        (prompts of one token, and of several rows, prefill eager)."""
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(self._prefill, dynamic=True, fullgraph=True)
+        with inductor_config.patch(freezing=True, cpp_wrapper=True, **self._kernel_threads()):
+            for T in sorted({2, self.length}):
+                compiled(self._prompt[:1, :T], self._rows[:1])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled(self._prompt[:1, : max(self.length - 1, 2)], self._rows[:1])
+        self._prefill_compiled, self._prefill_rows = compiled, 1
 
     def _inductor_options(self) -> list[tuple[list[int], dict]]:
         """The widths of each graph and the inductor options it compiles with. The one-row
         graph of fp32 weights multiplies through inductor's own C++ GEMM template, not oneDNN:
         2.2x faster at the small shape and 1.4x at the tiny one (a matrix-vector product), but
         slower for more rows and for bf16 weights on AVX-512 (2x at the small shape)."""
-        gemv = {}
+        common = self._kernel_threads()
+        gemv = dict(common)
         if self.cache[0].k.dtype == torch.float32:
-            gemv = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+            gemv |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
         more = sorted({min(2, self.slots), self.slots} - {1})
-        return [([1], gemv)] + ([(more, {})] if more else [])
+        return [([1], gemv)] + ([(more, common)] if more else [])
+
+    def _kernel_threads(self) -> dict:
+        """Inductor's C++ kernels of a model under CPU_BF16_MIN_BYTES run on one thread: the tiny
+        shape's step took 0.13 ms on one thread and 1.3 ms on two (2 cores shared with other
+        work; docs/benchmarks.md). Larger ones take torch's threads when compiled."""
+        return {"cpp.threads": 1} if weight_bytes(self.model) < CPU_BF16_MIN_BYTES else {}
 
     @torch.inference_mode()
     def _capture_cuda_graphs(self, own: _Step) -> None:
@@ -213,7 +312,7 @@ class StaticDecoder:
                 logits = own(self.tokens[:width], self.positions[:width], self.length)
             self._graphs[width] = (graph, logits)
         self._buckets = buckets
-        self.mode, self.fallback = "cuda-graphs", None
+        self.mode, self.fallback, self._run = "cuda-graphs", None, self._run_cuda_graphs
         torch.cuda.synchronize()
 
     def _clear(self) -> None:
@@ -224,6 +323,43 @@ class StaticDecoder:
                 cache.v.zero_()
             self.tokens.zero_()
             self.positions.zero_()
+
+
+class _SlotWriter(nn.Module):
+    """A layer's KV cache in a prompt's forward (`model(prompt, input_pos=0)`): writes the
+    keys and values of positions 0..T-1 of the prompt's n rows into rows `rows[:n]` of the
+    decoder's cache (no cache of the prompt's own, nothing to copy) and attends over them."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("k", cache.k, persistent=False)
+        self.register_buffer("v", cache.v, persistent=False)
+        self.register_buffer("rows", rows, persistent=False)  # (slots,), _Prefill's
+
+    def update(
+        self, input_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, _, T, _ = k.shape
+        rows = self.rows[:B]
+        self.k[rows, :, :T] = k.to(self.k.dtype)
+        self.v[rows, :, :T] = v.to(self.v.dtype)
+        return k, v
+
+
+class _Prefill(nn.Module):
+    """The prompt's forward as a module (compiled like _Step): a model whose caches are
+    _SlotWriters into the decoder's cache; returns the last position's logits (n, V) float32."""
+
+    def __init__(self, model: GPT, cache: list[KVCache]) -> None:
+        super().__init__()
+        rows = torch.zeros(cache[0].k.size(0), dtype=torch.long, device=cache[0].k.device)
+        self.register_buffer("rows", rows, persistent=False)
+        self.model = model
+        model.load_kv_cache_state([_SlotWriter(layer, rows) for layer in cache])
+
+    def forward(self, prompt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        self.rows[: rows.size(0)] = rows  # written here: the graph reads it (not a constant)
+        return self.model(prompt, input_pos=0).logits[:, -1].float()  # (n, V)
 
 
 def _sharing_weights(model: GPT) -> GPT:

@@ -26,7 +26,7 @@ path's (`attnlm generate`) in float32, and their agreement in bfloat16 reported;
 small B = 1 CUDA graphs >= 5x the same step eager.
 
     .venv/bin/python bench/decode_speed.py                  # everything (~5 min on 2 cores)
-    .venv/bin/python bench/decode_speed.py --quick          # B = 1, auto dtype, 2 rounds (<60 s)
+    .venv/bin/python bench/decode_speed.py --quick          # B = 1, fp32 + auto dtype, 2 rounds
     .venv/bin/python bench/decode_speed.py --threads 1 --device cuda --json runs/decode.json
 """
 
@@ -51,6 +51,7 @@ from bench.serve_load import SHAPES, build_artifact, print_results  # noqa: E402
 PROMPT_TOKENS = 8
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ("transformers", "attnlm generate", "attnlm eager", "attnlm compiled")
+QUICK_IMPLS = ("transformers", "attnlm generate", "attnlm compiled")  # --quick: no eager batch
 TARGETS = {"tiny": 5.0, "small": 2.5}  # attnlm / transformers tokens/s at B = 1
 
 
@@ -133,8 +134,9 @@ class Runner:
 def bench(args, artifacts: dict[str, Path], device: torch.device, bandwidth: float) -> dict:
     results: dict = {"rows": [], "compile": []}
     batches = (1,) if args.quick else (1, 8)
+    impls = QUICK_IMPLS if args.quick and device.type != "cuda" else IMPLS
     for shape, artifact in artifacts.items():
-        for dtype_name in args.dtypes:
+        for dtype_name in args.dtypes or default_dtypes(artifact, device, args.quick):
             print(f"  {shape} {dtype_name}: loading, compiling ...", flush=True)
             runner = Runner(artifact, DTYPES[dtype_name], device, max(batches))
             results["compile"].append(
@@ -147,16 +149,16 @@ def bench(args, artifacts: dict[str, Path], device: torch.device, bandwidth: flo
                 }
             )
             for rows in batches:
-                best = {impl: float("inf") for impl in IMPLS}
+                best = {impl: float("inf") for impl in impls}
                 tokens = {}
-                for impl in IMPLS:  # warm-up, not timed
+                for impl in impls:  # warm-up, not timed
                     runner.run(impl, rows)
                 for _ in range(args.repeats):
-                    for impl in IMPLS:
+                    for impl in impls:
                         seconds, tokens[impl] = runner.run(impl, rows)
                         best[impl] = min(best[impl], seconds)
                 step_floor = runner.weight_bytes / bandwidth
-                for impl in IMPLS:
+                for impl in impls:
                     n = runner.new_tokens
                     results["rows"].append(
                         {
@@ -175,6 +177,18 @@ def bench(args, artifacts: dict[str, Path], device: torch.device, bandwidth: flo
                     )
             del runner
     return results
+
+
+def default_dtypes(artifact: Path, device: torch.device, quick: bool) -> list[str]:
+    """Both dtypes; with --quick float32 and what `dtype: auto` serves this model in (one
+    dtype where they are the same), so that each side still runs at its fastest."""
+    from attnlm.artifact import load_artifact
+    from attnlm.fastdecode import preferred_dtype, weight_bytes
+
+    if not quick:
+        return list(DTYPES)
+    auto = preferred_dtype(device, weight_bytes(load_artifact(artifact).model))
+    return sorted({"float32", next(k for k, v in DTYPES.items() if v == auto)}, reverse=True)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -266,7 +280,7 @@ def tps(row: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="B = 1, auto dtype, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="B = 1, fp32 + auto, 2 rounds")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["tiny", "small"])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
@@ -277,14 +291,11 @@ def main() -> None:
 
     import transformers
 
-    from attnlm.fastdecode import cpu_flags, preferred_dtype
+    from attnlm.fastdecode import cpu_flags
 
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.dtypes is None:
-        auto = "bfloat16" if preferred_dtype(device) == torch.bfloat16 else "float32"
-        args.dtypes = [auto] if args.quick else sorted(DTYPES, reverse=True)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     wall0 = time.perf_counter()

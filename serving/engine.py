@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from attnlm import invariance
 from attnlm.artifact import load_artifact
 from attnlm.batching import DecodeBatch
-from attnlm.fastdecode import preferred_dtype
+from attnlm.fastdecode import preferred_dtype, weight_bytes
 from attnlm.generate import SamplingParams, assemble_attention
 from attnlm.generate import stream as generate_stream
 from serving.attention_cache import QKCache
@@ -146,8 +146,8 @@ class Engine:
         Args:
             device: "cuda", "cpu", ...; default cuda when available.
             dtype: "float32" | "bfloat16" | "float16" | "auto" (bfloat16 where the hardware
-                has it: `attnlm.fastdecode.preferred_dtype`); default bfloat16 on cuda, float32
-                on cpu.
+                has it and the model is large enough for it to pay:
+                `attnlm.fastdecode.preferred_dtype`); default bfloat16 on cuda, float32 on cpu.
             max_tokens_limit: the largest `max_tokens` a completion may ask; default the context.
             compile: compile the decode step completions share (`attnlm.fastdecode`: inductor
                 on CPU, CUDA graphs on CUDA), warmed up here; eager, logged, where it cannot.
@@ -163,15 +163,18 @@ class Engine:
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         elif dtype == "auto":
-            dtype = preferred_dtype(self.device)
+            dtype = None  # chosen for the model's size once it is loaded
         elif isinstance(dtype, str):
             if dtype not in _DTYPES:
                 names = ", ".join([*_DTYPES, "auto"])
                 raise ValueError(f"dtype must be one of {names}; got {dtype!r}")
             dtype = _DTYPES[dtype]
-        self.dtype = dtype
         loaded = load_artifact(artifact, device=self.device, dtype=dtype)
         self.model = loaded.model.eval()
+        if dtype is None:
+            dtype = preferred_dtype(self.device, weight_bytes(self.model))
+            self.model.to(dtype)
+        self.dtype = dtype
         if batch_invariant and not self.model.has_attention:
             raise ValueError(
                 f"batch_invariant needs a Transformer; {artifact} holds an "

@@ -3,6 +3,7 @@ for the module, ~10-40 s): completions greedy and seeded, with stop strings, n, 
 streams, concurrent requests and attention rows are what the eager engine gives."""
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,14 +41,18 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> tuple[Engine, Engine]:
+def artifact(tmp_path_factory) -> Path:
     tokenizer = Tokenizer.train(generate_corpus(2000, seed=0), vocab_size=300)
     config = GPTConfig(
         vocab_size=tokenizer.vocab_size + 5, block_size=64, n_layer=2, n_head=2, n_embd=32
     )
     torch.manual_seed(0)
-    path = save_artifact(GPT(config), tokenizer, tmp_path_factory.mktemp("artifacts") / "tiny")
-    return Engine(path, device="cpu"), Engine(path, device="cpu", compile=True)
+    return save_artifact(GPT(config), tokenizer, tmp_path_factory.mktemp("artifacts") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engines(artifact) -> tuple[Engine, Engine]:
+    return Engine(artifact, device="cpu"), Engine(artifact, device="cpu", compile=True)
 
 
 def assert_same_completion(got, want) -> None:
@@ -69,6 +74,20 @@ def test_the_engine_decodes_on_the_compiled_step(engines):
     eager, fast = engines
     assert fast._batcher._batch.decoder.mode == "inductor"
     assert eager._batcher._batch.decoder.mode == "eager"
+
+
+def test_dtype_auto_follows_the_model_size(artifact, monkeypatch):
+    """`dtype="auto"`: bfloat16 on a bf16 CPU only from CPU_BF16_MIN_BYTES of fp32 weights."""
+    import attnlm.fastdecode as fastdecode
+
+    path = artifact
+    monkeypatch.setattr(fastdecode, "cpu_flags", lambda: {"avx512_bf16"})
+    assert Engine(path, device="cpu", dtype="auto").dtype == torch.float32  # tiny: fp32
+    monkeypatch.setattr(fastdecode, "CPU_BF16_MIN_BYTES", 1000)
+    engine = Engine(path, device="cpu", dtype="auto")
+    assert engine.dtype == torch.bfloat16 and engine.model.lm_head.weight.dtype == torch.bfloat16
+    monkeypatch.setattr(fastdecode, "cpu_flags", lambda: {"avx2"})
+    assert Engine(path, device="cpu", dtype="auto").dtype == torch.float32
 
 
 def test_compiled_completions_equal_eager_ones(engines):

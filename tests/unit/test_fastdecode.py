@@ -100,6 +100,49 @@ def test_compiled_batch_stops_where_stream_does(model, compiled):
         assert_same_steps(run_to_end(compiled, {0: [("r", p, params)]})["r"], want)
 
 
+def test_compiled_prefill_writes_the_rows_an_eager_one_does(model, compiled, caplog):
+    """The prompt's forward (compiled for one row of 2+ tokens; one token and several rows
+    eager) writes its keys and values into the rows asked for and returns the last logits."""
+    decoder = compiled.decoder
+    assert decoder._prefill_compiled is not None and decoder._prefill_rows == 1
+    eager = StaticDecoder(model, slots=decoder.slots)
+    for ids, rows in [
+        (prompt(1, 9, 9), torch.tensor([4])),  # compiled
+        (prompt(1, CFG.block_size, 10), torch.tensor([0])),  # compiled, the whole context
+        (prompt(1, 1, 11), torch.tensor([2])),  # one token: eager
+        (prompt(2, 5, 12), torch.tensor([1, 5])),  # two rows: eager
+    ]:
+        n, T = ids.shape
+        with torch.inference_mode():
+            model.set_kv_cache(n, T)
+            want = model(ids, input_pos=0).logits[:, -1]
+            own = model.kv_cache_state()
+            model.clear_kv_cache()
+        for d in (decoder, eager):
+            with caplog.at_level(logging.WARNING, logger="attnlm.fastdecode"):
+                got = d.prefill(ids, rows)
+            assert not caplog.text  # the compiled graph took what it was compiled for
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            for shared, layer in zip(d.cache, own, strict=True):
+                torch.testing.assert_close(shared.k[rows, :, :T], layer.k, atol=1e-6, rtol=0)
+                torch.testing.assert_close(shared.v[rows, :, :T], layer.v, atol=1e-6, rtol=0)
+    for ids, rows in [(prompt(2, 3, 1), torch.tensor([0])), (prompt(1, 3, 1), torch.tensor([6]))]:
+        with pytest.raises(ValueError, match="prefill"):
+            decoder.prefill(ids, rows)
+    decoder._clear()
+
+
+def test_compiled_step_of_one_key_equals_the_eager_one(model, compiled):
+    """A span of one key runs the compiled graph over two (the second masked)."""
+    decoder, eager = compiled.decoder, StaticDecoder(model, slots=compiled.decoder.slots)
+    ids = prompt(1, 1, 13)
+    for d in (decoder, eager):
+        d.prefill(ids, torch.tensor([0]))  # position 0 written; the step feeds position 1 ...
+        d.tokens[0], d.positions[0] = 7, 0  # ... or rewrites position 0 with a span of 1
+    torch.testing.assert_close(decoder.step(1, 1), eager.step(1, 1), atol=1e-5, rtol=0)
+    decoder._clear()
+
+
 def test_compile_failure_leaves_the_step_eager_with_its_reason(model, monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler here\nmore detail")
@@ -121,7 +164,7 @@ def test_a_refused_recompile_runs_that_step_eager(model, monkeypatch, caplog):
     def refused(*args):
         raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
 
-    decoder.mode, decoder._compiled = "inductor", refused  # as if compiled, then refused
+    decoder._run, decoder._compiled = decoder._run_inductor, refused  # as if compiled, refused
     with caplog.at_level(logging.WARNING, logger="attnlm.fastdecode"):
         got = decoder.step(2, 5)
     torch.testing.assert_close(got, want)
@@ -131,11 +174,13 @@ def test_a_refused_recompile_runs_that_step_eager(model, monkeypatch, caplog):
 def test_preferred_dtype_follows_the_hardware(monkeypatch):
     import attnlm.fastdecode as fastdecode
 
+    big, small = fastdecode.CPU_BF16_MIN_BYTES, fastdecode.CPU_BF16_MIN_BYTES - 1
     monkeypatch.setattr(fastdecode, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert preferred_dtype("cpu") == torch.bfloat16
+    assert preferred_dtype("cpu") == preferred_dtype("cpu", big) == torch.bfloat16
+    assert preferred_dtype("cpu", small) == torch.float32  # weights in the caches: fp32 is faster
     monkeypatch.setattr(fastdecode, "cpu_flags", lambda: {"avx512f", "avx2"})
-    assert preferred_dtype("cpu") == torch.float32
-    assert preferred_dtype("cuda") == torch.bfloat16
+    assert preferred_dtype("cpu") == preferred_dtype("cpu", big) == torch.float32
+    assert preferred_dtype("cuda") == preferred_dtype("cuda", small) == torch.bfloat16
     assert preferred_dtype(torch.device("mps")) == torch.float32
 
 
