@@ -694,6 +694,10 @@ INVARIANT_TEXTS = [
 BUSY_TEXTS = [("The dog that the cats near the tree " * 3)[: 6 + 9 * i] for i in range(16)]
 
 
+PROBE_NOUNS = "mat table box chair house tree bench window river garden road wall shelf bus bed cup"
+PROBE_NOUNS = PROBE_NOUNS.split()
+
+
 def invariant_bodies(text: str, i: int) -> dict[str, dict]:
     return {
         "/invariant/v1/next-token": {"text": text, "top_k": 20},
@@ -706,6 +710,11 @@ def invariant_bodies(text: str, i: int) -> dict[str, dict]:
             "seed": i,
             "logprobs": 3,
             "n": 1 + i % 2,
+        },
+        # a sentence of the corpus grammar (subject "cats", verb "jump"), one of its own for each i
+        "/invariant/v1/probe": {
+            "text": f"The cats near {'the' if i < 100 else 'my'} {PROBE_NOUNS[i % 16]} "
+            f"{'that was sitting on the mat ' * (i % 4)}jump."
         },
     }
 
