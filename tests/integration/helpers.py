@@ -1,11 +1,18 @@
-"""Helpers for integration tests: tiny `attnlm fit` arguments, a clean child environment."""
+"""Helpers for integration tests: tiny `attnlm fit` arguments, a clean child environment, a tiny
+served folder, Ray Serve on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,3 +111,53 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+def with_chat_template(folder: Path) -> Path:
+    """Give a model folder's tokenizer_config.json `CHAT_TEMPLATE` (chat completions served)."""
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": CHAT_TEMPLATE}))
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(client, path: str, tries: int = 120) -> None:
+    """Poll `path` with an httpx.Client until it answers 200 (bounded: `tries` x 0.5 s)."""
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if client.get(path).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{path} did not become healthy")
+
+
+@contextmanager
+def local_serve(ray_dir: str | None = None) -> Iterator[str]:
+    """Ray (2 CPUs, no auth, its temp dir `ray_dir` or a new one) and Ray Serve's HTTP proxy on
+    127.0.0.1 at a free port; yields the base URL, shuts both down after."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=ray_dir or tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -12,18 +12,20 @@ plugin: schemathesis 4.32's lazy pytest schemas fail on pytest 9 (`Function._nod
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import CHAT_TEMPLATE as TEMPLATE
-from tests.integration.helpers import REPO, build_tiny_artifact
-from tests.integration.test_serve import free_port, wait_healthy
+from tests.integration.helpers import (
+    REPO,
+    build_tiny_artifact,
+    local_serve,
+    wait_healthy,
+    with_chat_template,
+)
 
 pytest.importorskip("schemathesis")
 ray = pytest.importorskip("ray")
@@ -40,29 +42,18 @@ def served(tmp_path_factory):
     """Base URLs of the open and the keyed deployment, and the artifact they serve."""
     from serving.app import AttnLMServer
 
-    artifact = build_tiny_artifact(tmp_path_factory.mktemp("contract") / "tiny")
-    config = artifact / "tokenizer_config.json"  # a chat template: chat completions fuzzed too
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": TEMPLATE}))
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-        log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = {"ray_actor_options": {"num_cpus": 0}}
-    serve.run(AttnLMServer.options(**options).bind(str(artifact)), name="open", route_prefix="/")
-    keyed = AttnLMServer.options(name="Keyed", **options).bind(str(artifact), api_keys=[KEY])
-    serve.run(keyed, name="keyed", route_prefix="/keyed")
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, timeout=60) as client:
-        wait_healthy(client, "/health")
-        wait_healthy(client, "/keyed/health")
-    yield {"open": base, "keyed": f"{base}/keyed", "artifact": artifact}
-    serve.shutdown()
-    ray.shutdown()
+    # a chat template: chat completions are fuzzed too
+    artifact = with_chat_template(build_tiny_artifact(tmp_path_factory.mktemp("contract") / "tiny"))
+    with local_serve() as base:
+        options = {"ray_actor_options": {"num_cpus": 0}}
+        open_app = AttnLMServer.options(**options).bind(str(artifact))
+        serve.run(open_app, name="open", route_prefix="/")
+        keyed = AttnLMServer.options(name="Keyed", **options).bind(str(artifact), api_keys=[KEY])
+        serve.run(keyed, name="keyed", route_prefix="/keyed")
+        with httpx.Client(base_url=base, timeout=60) as client:
+            wait_healthy(client, "/health")
+            wait_healthy(client, "/keyed/health")
+        yield {"open": base, "keyed": f"{base}/keyed", "artifact": artifact}
 
 
 def schemathesis_run(url: str, *options: str, cwd: Path) -> tuple[int, str]:

@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -23,30 +22,12 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.helpers import build_tiny_artifact
+from tests.integration.helpers import build_tiny_artifact, free_port, wait_healthy
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 LONG_TEXT = "The cat that was sitting on the mat jumps. " * 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(client: httpx.Client, path: str, tries: int = 120) -> None:
-    """Poll `path` until it answers 200 (bounded: `tries` x 0.5 s)."""
-    for _ in range(tries):
-        try:
-            if client.get(path).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{path} did not become healthy")
 
 
 PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serving.proxy:middlewares"}

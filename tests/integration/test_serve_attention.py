@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import tempfile
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.integration.helpers import build_tiny_artifact
-from tests.integration.test_serve import assert_error, free_port, wait_healthy
+from tests.integration.helpers import build_tiny_artifact, local_serve, wait_healthy
+from tests.integration.test_serve import assert_error
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -35,24 +34,13 @@ def server(artifact):
     from serving.app import AttnLMServer
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-        log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = {"attention_cache_bytes": 1 << 20, "max_attention_bytes": MAX_BYTES}
-    app = AttnLMServer.options(user_config=config, ray_actor_options={"num_cpus": 1})
-    serve.run(app.bind(str(artifact)), name="attnlm", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, timeout=60) as client:
-        wait_healthy(client, "/health")
-        yield client
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve() as base:
+        config = {"attention_cache_bytes": 1 << 20, "max_attention_bytes": MAX_BYTES}
+        app = AttnLMServer.options(user_config=config, ray_actor_options={"num_cpus": 1})
+        serve.run(app.bind(str(artifact)), name="attnlm", route_prefix="/", blocking=False)
+        with httpx.Client(base_url=base, timeout=60) as client:
+            wait_healthy(client, "/health")
+            yield client
 
 
 @pytest.fixture(scope="module")

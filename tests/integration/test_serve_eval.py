@@ -11,14 +11,18 @@ import asyncio
 import json
 import math
 import random
-import tempfile
 
 import httpx
 import pytest
 
 from tests.integration.helpers import CHAT_TEMPLATE as TEMPLATE
-from tests.integration.helpers import build_tiny_artifact
-from tests.integration.test_serve import assert_error, free_port, wait_healthy
+from tests.integration.helpers import (
+    build_tiny_artifact,
+    local_serve,
+    wait_healthy,
+    with_chat_template,
+)
+from tests.integration.test_serve import assert_error
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -30,31 +34,18 @@ ITEMS = 12  # lm-eval's multiple-choice items
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     """The tiny untrained folder, with a chat template in its tokenizer config."""
-    folder = build_tiny_artifact(tmp_path_factory.mktemp("eval") / "tiny")
-    path = folder / "tokenizer_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": TEMPLATE}))
-    return folder
+    return with_chat_template(build_tiny_artifact(tmp_path_factory.mktemp("eval") / "tiny"))
 
 
 @pytest.fixture(scope="module")
 def server(artifact):
     from serving.app import AttnLMServer
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-        log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(AttnLMServer.bind(str(artifact)), name="eval", route_prefix="/", blocking=False)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        wait_healthy(client, "/health")
-        yield client
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve() as base:
+        serve.run(AttnLMServer.bind(str(artifact)), name="eval", route_prefix="/", blocking=False)
+        with httpx.Client(base_url=base, timeout=60) as client:
+            wait_healthy(client, "/health")
+            yield client
 
 
 @pytest.fixture(scope="module")
