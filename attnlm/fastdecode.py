@@ -141,6 +141,8 @@ class StaticDecoder:
         self._step = _Step(model)
         self._run = self._run_eager  # the step of this mode
         self._compiled = None  # inductor: the compiled _Step of the model's copy
+        self._direct: tuple = ()  # inductor: its graphs as plain functions (_direct_calls)
+        self._own: _Step | None = None  # the _Step they run on
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket ->
         self._buckets: list[int] = []
         # the prompt's forward writes straight into the cache's rows (a copy of the model's
@@ -202,6 +204,12 @@ class StaticDecoder:
         finally:
             self.model.clear_kv_cache()
 
+    def _run_direct(self, width: int, key_length: int) -> torch.Tensor:
+        # the compiled graph of rows 1 or 2+ through the bytecode dynamo generated for it,
+        # called as a plain function (see _direct_calls); the key span as in _run_inductor
+        call = self._direct[0] if width == 1 else self._direct[1]
+        return call(self._own, self.tokens[:width], self.positions[:width], max(key_length, 2))
+
     def _run_inductor(self, width: int, key_length: int) -> torch.Tensor:
         # Only the guards telling the warmed graphs apart are evaluated (one row or more): the
         # inputs are always views of this decoder's own buffers (same dtype, device, strides),
@@ -262,6 +270,39 @@ class StaticDecoder:
             compiled(self.tokens[:width], self.positions[:width], max(self.length - 1, 2))
         self._compiled, self.mode, self.fallback = compiled, "inductor", None
         self._run = self._run_inductor
+        try:
+            self._direct, self._own = self._direct_calls(own), own
+            self._run = self._run_direct
+        except Exception as err:  # the dynamo-dispatched call above still works
+            log.info("decode step called through dynamo: %s", _reason(err))
+
+    def _direct_calls(self, own: _Step) -> tuple:
+        """The warmed graphs (one row; 2+ rows) as plain functions of (own, tokens, positions,
+        key_length): the bytecode dynamo generated for each cache entry of _Step.forward, which
+        calls the compiled graph with its inputs, found by evaluating the entries' guards once
+        here on the corners of the range each graph serves. A call then skips dynamo's frame
+        evaluation, cache lookup and stance (20-30 us of the tiny shape's ~150 us step:
+        docs/benchmarks.md), exact: the same compiled code runs. Shapes past the warmed ranges
+        never reach it (`step` checks them) and the weights are frozen into the graphs."""
+        import types
+
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        entries = _debug_get_cache_entry_list(_Step.forward.__code__)
+        calls = []
+        for widths in ([1], sorted({min(2, self.slots), self.slots})):
+            corners = [
+                {"self": own, "tokens": self.tokens[:w], "positions": self.positions[:w],
+                 "key_length": k}
+                for w in widths for k in sorted({2, self.length})
+            ]  # fmt: skip
+            entry = next(
+                (e for e in entries if all(e.guard_manager.check(c) for c in corners)), None
+            )
+            if entry is None:
+                raise RuntimeError(f"no compiled graph serves {widths} rows")
+            calls.append(types.FunctionType(entry.code, _Step.forward.__globals__))
+        return tuple(calls)
 
     @torch.inference_mode()
     def _compile_prefill(self) -> None:

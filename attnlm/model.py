@@ -480,9 +480,7 @@ class GPT(nn.Module):
             raise ValueError(f"attention_layers must be ascending indices in 0..{n - 1}: {layers}")
         return frozenset(layers)
 
-    @property
-    def batch_invariant(self) -> bool:
-        return self.transformer.h[0].attn.batch_invariant
+    batch_invariant = False  # set_batch_invariant's: a plain attribute, read every decode step
 
     def set_batch_invariant(self, on: bool = True) -> None:
         """Batch-invariant attention (`attnlm.invariance`): every layer takes the explicit path,
@@ -491,6 +489,7 @@ class GPT(nn.Module):
         share the forward, as long as each forward has >= 16 rows of tokens. Slower than SDPA."""
         for block in self.transformer.h:
             block.attn.batch_invariant = on
+        self.batch_invariant = on
 
     # -- KV cache ------------------------------------------------------------------------------
     def set_kv_cache(

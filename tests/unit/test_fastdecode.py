@@ -143,6 +143,38 @@ def test_compiled_step_of_one_key_equals_the_eager_one(model, compiled):
     decoder._clear()
 
 
+def test_compiled_step_called_directly_equals_the_dynamo_dispatched_one(model, compiled):
+    """The warmed graphs called as plain functions (no frame evaluation, no guards) give what
+    the same graphs give through dynamo, for one row and for several, at any key span."""
+    decoder = compiled.decoder
+    assert decoder._run == decoder._run_direct and len(decoder._direct) == 2
+    ids = prompt(decoder.slots, 9, 21)
+    decoder.prefill(ids[:1], torch.tensor([0]))  # the compiled prefill: one row
+    fill(decoder, model, ids)
+    decoder.tokens[:] = torch.arange(decoder.slots) + 3
+    decoder.positions[:] = torch.arange(decoder.slots) + 5
+    with torch.inference_mode():
+        for width in (1, 2, decoder.slots):
+            for key_length in (1, 11, decoder.length):
+                torch.testing.assert_close(
+                    decoder._run_direct(width, key_length),
+                    decoder._run_inductor(width, key_length),
+                    atol=0,
+                    rtol=0,
+                )
+    decoder._clear()
+
+
+def test_direct_calls_need_a_graph_for_every_width(compiled, monkeypatch):
+    """Without a dynamo cache entry whose guards pass for a width range, no direct calls (the
+    decoder then stays on the dynamo-dispatched step)."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    monkeypatch.setattr(eval_frame, "_debug_get_cache_entry_list", lambda code: [])
+    with pytest.raises(RuntimeError, match="no compiled graph serves"):
+        compiled.decoder._direct_calls(compiled.decoder._own)
+
+
 def test_compile_failure_leaves_the_step_eager_with_its_reason(model, monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler here\nmore detail")
