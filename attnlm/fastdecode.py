@@ -17,10 +17,13 @@ without Python or synchronisation inside:
 
 - CPU: `torch.compile` (inductor) with frozen weights and the C++ wrapper, dynamic in width and
   key length: one graph, compiled by the warm-up at construction (a step of one row runs two, as
-  dynamo would specialise size 1 into a second graph); a later recompile is refused and that
-  call runs eager (logged). A call evaluates only the guards telling the two graphs apart
-  (`skip_guard_eval_unsafe`): its inputs are always views of the decoder's own buffers, in
-  inference mode, over the range of key spans the warm-up compiled. The key length follows the
+  dynamo would specialise size 1 into a second graph). A step then calls its graph as a plain
+  function, the bytecode dynamo generated for it (`_direct_calls`): no frame evaluation, no
+  guards, no stance per step; its inputs are always views of the decoder's own buffers, in
+  inference mode, over the range of rows and key spans the warm-up compiled. Where that
+  bytecode cannot be found, the step goes through dynamo, evaluating only the guards telling
+  the two graphs apart (`skip_guard_eval_unsafe`); a recompile is refused and that call runs
+  eager (logged). The key length follows the
   rows: reading the whole cache (32 rows x 256 positions at the small shape, 150 MB in fp32)
   every step doubled a step's time. The weights are frozen into the graph: changing them
   afterwards goes unseen. A model under CPU_BF16_MIN_BYTES compiles its kernels single-threaded.
