@@ -18,6 +18,7 @@ from serving.engine import (
 )
 from tests.unit.test_artifact_vocab import write_padded_folder
 from tests.unit.test_attention_maps import decoded
+from tests.unit.test_generate import explicit_softmaxes
 
 EXTRA_IDS = 5  # model vocabulary past the tokenizer's: ids without text
 TEXTS = ["The cats near the dog sleep.", "A dog", " "]
@@ -141,6 +142,33 @@ def test_completion_attention_equals_full_forward_map(engine):
         assert att["attention"]["shape"] == [2, 2, len(ids), len(ids)]
         expected = full_attention(engine, ids).double().numpy()
         np.testing.assert_allclose(decoded(att["attention"]), expected, atol=1e-5)
+
+
+def test_completion_attention_computes_the_layers_heads_and_rows_asked_for_only(engine):
+    """A completion's maps come from the q and k its decode kept, every layer through SDPA:
+    one layer's and head's map equals that layer's and head's in an every-layer answer, no
+    softmax of another layer (or head, or row) is ever computed, none while decoding."""
+    prompt = "The dog"
+    every = engine.complete(
+        prompt,
+        CompletionParams(max_tokens=6, temperature=0, n=2, attention=AttentionOptions(decimals=8)),
+    )
+    for options, shape in (
+        (AttentionOptions(layers=[1], heads=[0], decimals=8), lambda T: (1, 1, T, T)),
+        (AttentionOptions(layers=[1], rows="last", decimals=8), lambda T: (1, 2, 1, T)),
+    ):
+        params = CompletionParams(max_tokens=6, temperature=0, n=2, attention=options)
+        with explicit_softmaxes(engine.model) as calls:
+            some = engine.complete(prompt, params)
+        lengths = [len(choice.attention["token_ids"]) for choice in some.choices]
+        assert calls == [(1, shape(T)) for T in lengths]  # one per choice, after decoding
+        for got, want in zip(some.choices, every.choices, strict=True):
+            assert got.text == want.text and got.tokens == want.tokens
+            full = decoded(want.attention["attention"])  # (L, H, T, T)
+            picked = full[[1]][:, options.heads or [0, 1]]
+            if options.rows == "last":
+                picked = picked[..., -1:, :]
+            np.testing.assert_allclose(decoded(got.attention["attention"]), picked, atol=1e-6)
 
 
 def test_stream_concatenates_to_completion(engine):
