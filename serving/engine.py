@@ -270,7 +270,9 @@ class Engine:
         without attention maps, "out_of_range" for a layer or head it does not have."""
         check_attention_options(self.config, options, self.model_name)
 
-    def check_attention_request(self, text: str, options: AttentionOptions) -> list[int]:
+    def check_attention_request(
+        self, text: str | list[int], options: AttentionOptions
+    ) -> list[int]:
         """The text's token ids, after every check an attention request gets before its forward:
         the options (`check_attention_options`), the text, the answer's size for its length."""
         self.check_attention_options(options)
@@ -350,7 +352,7 @@ class Engine:
     @torch.inference_mode()
     def attention(
         self,
-        texts: Sequence[str | AttentionQuery],
+        texts: Sequence[str | list[int] | AttentionQuery],
         options: Sequence[AttentionOptions] | AttentionOptions | None = None,
     ) -> list[AttentionMap]:
         """Attention maps of texts: another selection of a text in the q/k cache is computed
@@ -358,7 +360,8 @@ class Engine:
         (`serving.attention_maps`: only the layers, heads and rows asked for are computed).
 
         Args:
-            texts: strings, or AttentionQuery (text + options; then `options` is left out).
+            texts: strings or token ids, or AttentionQuery (text + options; then `options` is
+                left out).
             options: one AttentionOptions for all texts, or one per text; default all, "none".
         """
         texts = list(texts)

@@ -96,6 +96,16 @@ def test_attention_equals_model_explicit_path(engine):
     assert maps[1].attention["dtype"] == "float16"
 
 
+def test_attention_of_token_ids_is_the_attention_of_their_text(engine):
+    ids = engine.encode(TEXTS[0])
+    by_ids, by_text = engine.attention([ids, TEXTS[0]], AttentionOptions(layers=[1], decimals=8))
+    assert by_ids.token_ids == ids and by_ids.tokens == by_text.tokens
+    np.testing.assert_allclose(decoded(by_ids.attention), decoded(by_text.attention), atol=1e-6)
+    with pytest.raises(EngineError, match="vocabulary") as err:
+        engine.attention([[engine.tokenizer.vocab_size]])
+    assert err.value.param == "text"
+
+
 def test_attention_accepts_queries(engine):
     query = AttentionQuery("A dog", AttentionOptions(layers=[1], aggregation="mean"))
     (att_map,) = engine.attention([query])
