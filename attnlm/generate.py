@@ -13,7 +13,11 @@ sampled at all) are subtracted (OpenAI's definitions), and until `min_tokens` to
 sampled the stop tokens are ruled out. The logits a step reports (for logprobs) are the model's,
 before these adjustments. With `return_attention=True` every step also carries the attention
 row of the token just fed over all earlier positions, and `generate` assembles the full map of
-prompt and completion from the prefill map plus those rows, without recomputing the prefix.
+prompt and completion from the prefill map plus those rows, without recomputing the prefix;
+`attention_layers` keeps the explicit path to the layers named (the others run SDPA). With
+`attention_sink` instead, every layer runs SDPA and the sink receives the chosen layers' q and k
+of the prefill and of every fed token, from which a caller computes only the maps it wants
+(serving's completions do).
 
 What one decode step decides, whatever runs the forwards, is `SamplingState.choose`: sample each
 row, mark the rows that hit a stop token, end at the budget (`token_budget`). `stream` drives it
@@ -24,12 +28,12 @@ each at its own positions in a shared KV cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from attnlm.model import GPT
+from attnlm.model import GPT, AttentionSink
 
 
 class SamplingError(ValueError):
@@ -110,14 +114,15 @@ class GenerationStep:
     finished: (
         torch.Tensor
     )  # (B,) bool: the row has ended (this token is a stop token, or the row ended earlier)
-    attention: torch.Tensor | None  # (n_layer, B, nh, 1, T_k) row of the token fed at this step
+    # (L, B, nh, 1, T_k) row of the token fed at this step; L: n_layer or the attention_layers
+    attention: torch.Tensor | None
 
 
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # new tokens per row, stop token excluded
     finish_reasons: list[str]  # "stop" (a stop token), "length" (max_new_tokens or the context)
-    attention: torch.Tensor | None  # (n_layer, B, nh, T + n, T + n) over prompt and completion
+    attention: torch.Tensor | None  # (L, B, nh, T + n, T + n) over prompt and completion
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -280,6 +285,9 @@ def stream(
     params: SamplingParams,
     return_attention: bool = False,
     prefill_attention: list[torch.Tensor] | None = None,
+    *,
+    attention_layers: Collection[int] | None = None,
+    attention_sink: AttentionSink | None = None,
 ) -> Iterator[GenerationStep]:
     """Yield one GenerationStep per new token until every row stops or the budget/context ends.
 
@@ -291,6 +299,14 @@ def stream(
             with attention the context holds one token fewer).
         prefill_attention: if a list is given, the prefill's attention map (n_layer, B, nh, T, T)
             is appended to it (only with return_attention).
+        attention_layers: the layers (ascending) that take the explicit path with
+            return_attention, and whose q, k go to attention_sink; default all. The others run
+            SDPA: the maps and rows then hold these layers only, (n_attention_layers, ...).
+        attention_sink: `sink(layer, q, k)` receives attention_layers' queries (B, nh, t, hs)
+            and keys (B, nh, T_k, hs, every position so far) in the prefill (t = T) and in each
+            step (t = 1), every layer through SDPA unless return_attention: a caller computes
+            the maps it wants later (`CausalSelfAttention.probabilities`). The last token is fed
+            too, as with return_attention.
     """
     if prompt.dim() != 2 or prompt.size(1) == 0:
         raise ValueError(f"prompt must be (B, T) with T >= 1, got shape {tuple(prompt.shape)}")
@@ -298,24 +314,28 @@ def stream(
     block_size = model.config.block_size
     if T > block_size:
         raise ValueError(f"prompt has {T} tokens; the context window is {block_size}")
-    budget = token_budget(params, T, block_size, feed_last=return_attention)
+    feed_last = return_attention or attention_sink is not None
+    budget = token_budget(params, T, block_size, feed_last=feed_last)
     if budget == 0:
         return
     state = SamplingState(params, B, budget, prompt.device, prompt)
+    attention = {"return_attention": return_attention}  # an LSTM takes no more than this
+    if attention_layers is not None:
+        attention["attention_layers"] = attention_layers
+    if attention_sink is not None:
+        attention["attention_sink"] = attention_sink
     model.set_kv_cache(B, max_seq_length=min(block_size, T + budget))
     try:
-        out = model(prompt, input_pos=0, return_attention=return_attention)
+        out = model(prompt, input_pos=0, **attention)
         if return_attention and prefill_attention is not None:
             prefill_attention.append(out.attention)
         logits = out.logits[:, -1].float()  # (B, V)
         while True:
             step, last = state.choose(logits)
-            if not last or return_attention:  # feed the token at position T + steps - 1
+            if not last or feed_last:  # feed the token at position T + steps - 1
                 position = T + state.steps - 1
-                out = model(
-                    step.tokens[:, None], input_pos=position, return_attention=return_attention
-                )
-                step.attention = out.attention  # (L, B, nh, 1, position + 1) or None
+                out = model(step.tokens[:, None], input_pos=position, **attention)
+                step.attention = out.attention  # (L', B, nh, 1, position + 1) or None
             yield step
             if last:
                 return
@@ -325,15 +345,22 @@ def stream(
 
 
 def generate(
-    model: GPT, prompt: torch.Tensor, params: SamplingParams, return_attention: bool = False
+    model: GPT,
+    prompt: torch.Tensor,
+    params: SamplingParams,
+    return_attention: bool = False,
+    attention_layers: Collection[int] | None = None,
 ) -> GenerationResult:
     """Run `stream` to the end. Rows that stop early keep their tokens up to (not including) the
     stop token. With return_attention, `attention` covers the prompt and every generated token
-    (a stop token included), assembled from the prefill map and the per-step rows.
+    (a stop token included), assembled from the prefill map and the per-step rows, of
+    `attention_layers` only when given (the others run SDPA).
     """
     B, _ = prompt.shape
     prefill: list[torch.Tensor] = []
-    steps = list(stream(model, prompt, params, return_attention, prefill))
+    steps = list(
+        stream(model, prompt, params, return_attention, prefill, attention_layers=attention_layers)
+    )
     tokens: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     done = [False] * B

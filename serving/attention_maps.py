@@ -123,6 +123,14 @@ def check_attention_options(config: GPTConfig, options: AttentionOptions, model_
             )
 
 
+def layers_needed(options: AttentionOptions, n_layer: int) -> list[int]:
+    """The layers whose q and k the selection needs, ascending: those asked for, and with
+    rollout every layer below the last of them too."""
+    chosen = range(n_layer) if options.layers is None else options.layers
+    top = max(chosen) + 1 if options.aggregation == "rollout" else 0
+    return sorted({*chosen, *range(top)})
+
+
 def maps_from_qk(
     blocks: Sequence[nn.Module],
     qk: Sequence[QK | None],

@@ -6,9 +6,11 @@ decodes every completion in flight together on one `attnlm.batching.DecodeBatch`
         ...
 
 `DecodeModel` wraps the shared model for `attnlm.generate.stream` (requests that want attention
-rows, and LSTM models, decode alone): logits cut to the tokenizer's ids, KV caches of its own,
-the engine's lock around each forward. `DecodeBatcher` schedules requests onto the batch from one
-background thread; `serving.engine.Engine` owns both.
+maps, and LSTM models, decode alone): logits cut to the tokenizer's ids, KV caches of its own,
+the engine's lock around each forward. `DecodedQK` is such a request's attention sink: the q and k
+of the layers its maps need, from the prefill and every decode step (each layer through SDPA),
+from which the maps asked for are computed once the row is done. `DecodeBatcher` schedules
+requests onto the batch from one background thread; `serving.engine.Engine` owns all three.
 """
 
 from __future__ import annotations
@@ -59,21 +61,51 @@ class DecodeModel:
         *,
         input_pos: int | None = None,
         row_positions: torch.Tensor | None = None,
-        return_attention: bool = False,
+        **attention,
     ) -> GPTOutput:
+        """The model's forward (`attention`: its return_attention, attention_layers and
+        attention_sink, as `attnlm.generate.stream` passes them)."""
         with self._lock:
             if self._caches is not None:
                 self.model.load_kv_cache_state(self._caches)
             try:
-                out = self.model(
-                    idx,
-                    input_pos=input_pos,
-                    row_positions=row_positions,
-                    return_attention=return_attention,
-                )
+                out = self.model(idx, input_pos=input_pos, row_positions=row_positions, **attention)
             finally:
                 self.model.clear_kv_cache()
         return out._replace(logits=out.logits[..., : self.vocab_size])  # (B, T, V_tokenizer)
+
+
+class DecodedQK:
+    """An `attention_sink` for `attnlm.generate.stream`: the q and k of one completion's
+    `layers`, the prefill's and each fed token's. A row's maps are computed from them afterwards
+    (`serving.attention_maps`: only the layers, heads and rows asked for), so the decode runs
+    every layer through SDPA and never holds a (layers, rows, heads, T, T) map."""
+
+    def __init__(self, layers: list[int]) -> None:
+        self.layers = layers
+        self._queries: dict[int, list[torch.Tensor]] = {i: [] for i in layers}  # (n, H, t, hs)
+        self._keys: dict[int, torch.Tensor] = {}  # (n, H, T_k, hs): every position fed so far
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        self._queries[layer].append(q)
+        self._keys[layer] = k  # a view of the request's own KV cache, which only grows
+
+    @property
+    def positions(self) -> int:
+        """How many positions were fed so far (0: none, the prompt was never run)."""
+        keys = self._keys.get(self.layers[0])
+        return 0 if keys is None else keys.size(2)
+
+    def row(self, index: int, length: int, n_layer: int) -> list[tuple | None]:
+        """Row `index`'s (q, k), each (H, length, hs), over its first `length` positions, for
+        each of `n_layer` layers: None for a layer not kept."""
+        if length > self.positions:
+            raise ValueError(f"{length} positions asked for; {self.positions} were fed")
+        qk: list[tuple | None] = [None] * n_layer
+        for layer in self.layers:
+            q = torch.cat([part[index] for part in self._queries[layer]], dim=1)  # (H, T_k, hs)
+            qk[layer] = (q[:, :length], self._keys[layer][index, :, :length])
+        return qk
 
 
 class _BatchRun:

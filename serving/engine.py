@@ -22,7 +22,8 @@ almost no padding); an LSTM model gets right-padded length buckets instead, a ba
 engine texts padded to multiples of 16 (`attnlm.invariance`). Completions decode
 their `n` samples on the KV cache; those in flight at the same time share each decode step
 (`serving.decoder.DecodeBatcher`, on the compiled decode step with `compile=True`), except
-requests for attention maps, which go through `attnlm.generate.stream` alone. The served
+requests for attention maps, which go through `attnlm.generate.stream` alone, every layer through
+SDPA, keeping the q and k of the layers their maps need (`serving.decoder.DecodedQK`). The served
 vocabulary is the tokenizer's (`load_artifact` crops a padded folder's extra rows).
 """
 
@@ -33,7 +34,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,13 +44,13 @@ from attnlm import invariance
 from attnlm.artifact import load_artifact
 from attnlm.batching import DecodeBatch
 from attnlm.fastdecode import preferred_dtype, weight_bytes
-from attnlm.generate import SamplingParams, assemble_attention
+from attnlm.generate import SamplingParams
 from attnlm.generate import stream as generate_stream
 from serving.attention_cache import QKCache
-from serving.attention_maps import attention_map, check_attention_options
+from serving.attention_maps import attention_map, check_attention_options, layers_needed
 from serving.attention_select import check_answer_size
 from serving.chat import ChatTemplate, no_chat_template
-from serving.decoder import DecodeBatcher, DecodeModel
+from serving.decoder import DecodeBatcher, DecodedQK, DecodeModel
 from serving.detok import Row, join_logprobs, logprobs_dict, prompt_logprobs, token_records
 from serving.forwards import TextForwards
 from serving.limits import (
@@ -97,8 +98,7 @@ class _Run:
     prompt_ids: list[int]
     params: CompletionParams
     rows: list[Row]
-    prefill: list[torch.Tensor] = field(default_factory=list)  # (L, n, H, T, T)
-    attention_rows: list[torch.Tensor] = field(default_factory=list)  # (L, n, H, 1, T + i + 1)
+    qk: DecodedQK | None = None  # with attention: the q, k of the layers its maps need
 
 
 def sampling_params(params: CompletionParams, stop_token_ids: Sequence[int]) -> SamplingParams:
@@ -270,7 +270,9 @@ class Engine:
         without attention maps, "out_of_range" for a layer or head it does not have."""
         check_attention_options(self.config, options, self.model_name)
 
-    def check_attention_request(self, text: str, options: AttentionOptions) -> list[int]:
+    def check_attention_request(
+        self, text: str | list[int], options: AttentionOptions
+    ) -> list[int]:
         """The text's token ids, after every check an attention request gets before its forward:
         the options (`check_attention_options`), the text, the answer's size for its length."""
         self.check_attention_options(options)
@@ -350,7 +352,7 @@ class Engine:
     @torch.inference_mode()
     def attention(
         self,
-        texts: Sequence[str | AttentionQuery],
+        texts: Sequence[str | list[int] | AttentionQuery],
         options: Sequence[AttentionOptions] | AttentionOptions | None = None,
     ) -> list[AttentionMap]:
         """Attention maps of texts: another selection of a text in the q/k cache is computed
@@ -358,7 +360,8 @@ class Engine:
         (`serving.attention_maps`: only the layers, heads and rows asked for are computed).
 
         Args:
-            texts: strings, or AttentionQuery (text + options; then `options` is left out).
+            texts: strings or token ids, or AttentionQuery (text + options; then `options` is
+                left out).
             options: one AttentionOptions for all texts, or one per text; default all, "none".
         """
         texts = list(texts)
@@ -399,12 +402,7 @@ class Engine:
         if cache is not None:
             layers = list(range(L))
         else:
-            needed = set()
-            for opts in options:
-                chosen = range(L) if opts.layers is None else opts.layers
-                top = max(chosen) + 1 if opts.aggregation == "rollout" else 0
-                needed.update(chosen, range(top))
-            layers = sorted(needed)
+            layers = sorted({i for opts in options for i in layers_needed(opts, L)})
         kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def sink(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -550,11 +548,13 @@ class Engine:
         prompt = torch.tensor([run.prompt_ids] * rows, device=self.device)  # (rows, T)
         if params.attention is None and self._batcher is not None:
             steps = self._batcher.stream(prompt, sampling, chunk)
-        else:  # the map needs each step's attention rows: this request decodes alone
+        else:  # maps need each step's q and k (an LSTM cannot batch): this request decodes alone
             model = DecodeModel(self.model, self.tokenizer.vocab_size, self._lock)
-            steps = generate_stream(
-                model, prompt, sampling, params.attention is not None, run.prefill
-            )
+            kept = {}
+            if params.attention is not None:  # every layer through SDPA; these q, k kept
+                run.qk = DecodedQK(layers_needed(params.attention, self.config.n_layer))
+                kept = {"attention_layers": run.qk.layers, "attention_sink": run.qk}
+            steps = generate_stream(model, prompt, sampling, **kept)
         try:
             for step in steps:
                 tokens = step.tokens.tolist()
@@ -593,15 +593,13 @@ class Engine:
 
     @torch.inference_mode()
     def _row_attention(self, run: _Run, index: int) -> AttentionMap:
-        """The map over the prompt and every token row `index` sampled, from the prefill map and
-        the decode steps' rows (no recomputation)."""
-        row = run.rows[index]
-        ids = run.prompt_ids + row.generated
-        if run.prefill:
-            full = assemble_attention(
-                run.prefill[0][:, index : index + 1],
-                [r[:, index : index + 1] for r in run.attention_rows[: len(row.generated)]],
-            )[:, 0]  # (L, H, T + g, T + g)
-        else:  # the prompt filled the context: nothing was decoded
-            full = self._forwards.padded([ids], return_attention=True).attention[:, 0]
-        return attention_map(self.tokenizer, self.config, ids, run.params.attention, att=full)
+        """The map over the prompt and every token row `index` sampled: only the layers, heads
+        and rows asked for, computed from the q and k its decode kept (no forward again)."""
+        ids = run.prompt_ids + run.rows[index].generated
+        options = run.params.attention
+        if run.qk is None or run.qk.positions == 0:  # nothing decoded: the prompt alone
+            (att_map,) = self.attention([ids], options)
+            att_map.cache = None
+            return att_map
+        qk = run.qk.row(index, len(ids), self.config.n_layer)
+        return self._map_from_qk(ids, qk, options, None)

@@ -347,6 +347,12 @@ def _state_bounds(schemas: dict[str, Any], bounds: ModelBounds) -> None:
                         -bounds.context_length,
                         bounds.context_length - 1,
                     )
+    attention_text = schemas["AttentionRequest"]["properties"]["text"]
+    _bound_integers(attention_text, bounds.vocab_size - 1)
+    attention_text["description"] = (
+        "A non-empty text, valid Unicode, or its token ids (each below the vocabulary size, "
+        f"{bounds.vocab_size}: a completion's `token_ids`, for more of its maps)." + context
+    )
     _bound_integers(schemas["NextTokenRequest"]["properties"]["top_k"], bounds.vocab_size)
     _bound_integers(schemas["DetokenizeRequest"]["properties"]["tokens"], bounds.vocab_size - 1)
     chat = schemas["ChatCompletionRequest"]["properties"]

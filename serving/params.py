@@ -125,10 +125,10 @@ class AttentionOptions:
 
 @dataclass(frozen=True)
 class AttentionQuery:
-    """One text and what to return of its attention map (`Engine.attention` takes either these
-    or texts plus options)."""
+    """One text (or its token ids) and what to return of its attention map (`Engine.attention`
+    takes either these or texts plus options)."""
 
-    text: str
+    text: str | list[int]
     options: AttentionOptions = field(default_factory=AttentionOptions)
 
 

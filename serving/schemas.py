@@ -111,6 +111,20 @@ def _prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
         kind = "ids"
     else:
         kind = "texts"
+    return _one_of(kind, value)
+
+
+def _text_or_ids(value: Any) -> str | list[int]:
+    """A text, or the token ids of one (as a prompt's): one error naming what is wrong."""
+    if isinstance(value, str):
+        return _one_of("text", value)
+    if isinstance(value, list):
+        return _one_of("ids", value)
+    raise PydanticCustomError("text_type", "must be a string or token ids (a list of integers)")
+
+
+def _one_of(kind: str, value: Any) -> Any:
+    """`value` checked as the prompt form `kind`; its first error as the only one."""
     try:
         return _PROMPT_ADAPTERS[kind].validate_python(value, strict=True)
     except ValidationError as err:
@@ -122,6 +136,11 @@ def _prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
 
 
 Prompt = Annotated[Any, PlainValidator(_prompt, json_schema_input_type=_PROMPT_SCHEMA)]
+# /v1/attention's text: a string, or token ids (a completion's, to ask for more of its maps)
+TextOrIds = Annotated[
+    Any,
+    PlainValidator(_text_or_ids, json_schema_input_type=Union[Text, TokenIds]),  # noqa: UP007
+]
 
 
 def _listed(value: Any) -> Any:
@@ -186,7 +205,7 @@ class AttentionOptionsModel(_Strict):
 
 class AttentionRequest(AttentionOptionsModel):
     model: Text | None = None
-    text: Text
+    text: TextOrIds  # token ids: each below the vocabulary (the served schema says it)
 
 
 class NextTokenRequest(_Strict):

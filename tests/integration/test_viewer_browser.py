@@ -434,7 +434,7 @@ def test_complete_shows_prompt_and_completion(chromium, server, engine):
             "prompt": prompt,
             "max_tokens": 6,
             "temperature": 0,
-            "return_attention": {"aggregation": "none", "encoding": "base64"},
+            "return_attention": {"aggregation": "none", "encoding": "base64", "pool": 64},
         }
     ]
 

@@ -1,6 +1,8 @@
 """The viewer at ~1,024 tokens in headless Chromium: the pooled overview of every head comes
 first, the selected head's whole map on demand; switching head or layer takes < 200 ms from click
-to drawn map, hovering a token stays responsive, the token strip scrolls.
+to drawn map, hovering a token stays responsive, the token strip scrolls. Complete on a prompt of
+~1,000 tokens works the same way (the overview of prompt + completion, then each map asked for
+by the completion's token ids), under a size limit that every map of the text would break.
 
 A same-origin harness page opens the viewer in a frame on a text of ~1,000 tokens (a model with a
 1,024-token context, 4 layers x 4 heads, untrained), clicks thumbnails and the layer selector,
@@ -32,12 +34,12 @@ OVERLOADED = 3.0  # load average per core past which a slow run skips instead of
 WINDOW = (1280, 1000)
 # layer/head switches the harness makes, in order: thumbnails (layer, head), then the selectors
 CLICKS = [(1, 2), (3, 0), (2, 3), (0, 1), (1, 2)]
-HARNESS = """<!doctype html><html><body><pre id="out">waiting</pre>
+# the viewer in a frame, `report` (POSTs the page's findings to /done) and `until` (polls)
+HARNESS_TOOLS = """<!doctype html><html><body><pre id="out">waiting</pre>
 <iframe id="viewer" src="__VIEWER__" width="1240" height="900"></iframe>
 <img src="/hold" alt="">
 <script>
 const frame = document.getElementById("viewer");
-const CLICKS = __CLICKS__;
 const report = (result) => fetch("/done", {method: "POST", headers: {"Content-Type": "application/json"},
                                           body: JSON.stringify(result)});
 function until(cond, then, limit = 60000) {
@@ -50,6 +52,10 @@ function until(cond, then, limit = 60000) {
     else setTimeout(poll, 5);
   })();
 }
+"""
+HARNESS = (
+    HARNESS_TOOLS
+    + """const CLICKS = __CLICKS__;
 frame.addEventListener("load", () => {
   const d = frame.contentDocument, heat = () => d.getElementById("heatmap");
   const switches = () => JSON.parse(heat().dataset.switchMs || "[]").length;
@@ -82,6 +88,38 @@ frame.addEventListener("load", () => {
   });
 });
 </script></body></html>"""
+)
+# Types the prompt, clicks Complete, waits for the selected map drawn, then clicks another head.
+COMPLETE_HARNESS = (
+    HARNESS_TOOLS
+    + """frame.addEventListener("load", () => {
+  const d = frame.contentDocument, heat = () => d.getElementById("heatmap");
+  const status = () => d.getElementById("status"), box = () => d.getElementById("error");
+  const drawn = (l, h) => status().textContent.trim() === "ready" && heat().dataset.drawn === "map"
+    && heat().dataset.layer === l && heat().dataset.head === h;
+  const failed = () => !box().hidden;
+  const fail = () => report({error: box().textContent});
+  d.getElementById("text").value = __PROMPT__;
+  d.getElementById("max-tokens").value = "__MAX_TOKENS__";
+  d.getElementById("temperature").value = "0";
+  d.getElementById("complete").click();
+  until(() => drawn("0", "0") || failed(), () => {
+    if (failed()) return fail();
+    d.querySelector('.thumb[data-layer="2"][data-head="3"]').click();
+    until(() => drawn("2", "3") || failed(), () => {
+      if (failed()) return fail();
+      report({mode: status().dataset.mode, tokens: Number(status().dataset.tokens),
+              promptTokens: Number(status().dataset.promptTokens),
+              chips: d.querySelectorAll("#tokens .token").length,
+              completionChips: d.querySelectorAll("#tokens .token.completion").length,
+              thumbs: d.querySelectorAll(".thumb").length,
+              shown: d.getElementById("completion").textContent});
+    });
+  });
+});
+</script></body></html>"""
+)
+MAX_TOKENS = 20
 
 
 def long_text(tokenizer, limit: int = 1024) -> str:
@@ -178,3 +216,46 @@ def test_a_long_text_screenshot_shows_its_map(engine, tmp_path):
     assert w > 600 and y + h <= size[1], (x, y, w, h)
     assert ((1 - heat).max(axis=-1) > 0.03).mean() > 0.3
     assert (heat[..., 2] - heat[..., 0] > 0.15).mean() > 0.05
+
+
+def test_complete_on_a_long_prompt_draws_its_maps(engine):
+    from serving.engine import AttentionOptions, CompletionParams, EngineError
+    from serving.limits import DEFAULT_ATTENTION_CACHE_BYTES, DEFAULT_MAX_ATTENTION_BYTES
+
+    chromium = require_chromium()
+    prompt = long_text(engine.tokenizer, 1024 - MAX_TOKENS)
+    T = len(engine.encode(prompt))
+    assert T >= 990
+    # as the 124M model's under the default 64 MiB: every map of the text over the limit, one
+    # map (2.8 MB) and the overview under it
+    engine.configure_attention(DEFAULT_ATTENTION_CACHE_BYTES, 8 << 20)
+    try:
+        every_map = AttentionOptions(encoding="base64")  # what Complete asked for before
+        with pytest.raises(EngineError) as err:
+            engine.complete(prompt, CompletionParams(max_tokens=MAX_TOKENS, attention=every_map))
+        assert err.value.code == "answer_too_large"
+        page = COMPLETE_HARNESS.replace("__VIEWER__", "/").replace("__PROMPT__", json.dumps(prompt))
+        page = page.replace("__MAX_TOKENS__", str(MAX_TOKENS))
+        for base, api in _serve(engine, pages={"/harness": page}):
+            dump_dom(chromium, f"{base}/harness", size=WINDOW, budget_ms=None, timeout_s=120)
+            result = api.results
+            asked = list(api.requests)
+    finally:
+        engine.configure_attention(DEFAULT_ATTENTION_CACHE_BYTES, DEFAULT_MAX_ATTENTION_BYTES)
+    assert result is not None and "error" not in result, result
+    (completion,) = [body for path, body in asked if path == "/v1/completions"]
+    assert completion["prompt"] == prompt and completion["max_tokens"] == MAX_TOKENS
+    assert completion["return_attention"] == {
+        "aggregation": "none",
+        "encoding": "base64",
+        "pool": 64,
+    }
+    maps = [body for path, body in asked if path == "/v1/attention"]
+    n = result["tokens"]
+    assert result["mode"] == "complete" and result["promptTokens"] == T < n <= T + MAX_TOKENS
+    assert result["chips"] == n and result["completionChips"] == n - T and result["thumbs"] == 16
+    assert result["shown"].startswith(prompt) and len(result["shown"]) > len(prompt)
+    # the two maps drawn, each asked for once by the completion's token ids
+    assert [(b["layers"], b["heads"]) for b in maps] == [([0], [0]), ([2], [3])]
+    ids = maps[0]["text"]
+    assert ids == maps[1]["text"] and len(ids) == n and ids[:T] == engine.encode(prompt)

@@ -18,6 +18,7 @@ from serving.engine import (
 )
 from tests.unit.test_artifact_vocab import write_padded_folder
 from tests.unit.test_attention_maps import decoded
+from tests.unit.test_generate import explicit_softmaxes
 
 EXTRA_IDS = 5  # model vocabulary past the tokenizer's: ids without text
 TEXTS = ["The cats near the dog sleep.", "A dog", " "]
@@ -95,6 +96,16 @@ def test_attention_equals_model_explicit_path(engine):
     assert maps[1].attention["dtype"] == "float16"
 
 
+def test_attention_of_token_ids_is_the_attention_of_their_text(engine):
+    ids = engine.encode(TEXTS[0])
+    by_ids, by_text = engine.attention([ids, TEXTS[0]], AttentionOptions(layers=[1], decimals=8))
+    assert by_ids.token_ids == ids and by_ids.tokens == by_text.tokens
+    np.testing.assert_allclose(decoded(by_ids.attention), decoded(by_text.attention), atol=1e-6)
+    with pytest.raises(EngineError, match="vocabulary") as err:
+        engine.attention([[engine.tokenizer.vocab_size]])
+    assert err.value.param == "text"
+
+
 def test_attention_accepts_queries(engine):
     query = AttentionQuery("A dog", AttentionOptions(layers=[1], aggregation="mean"))
     (att_map,) = engine.attention([query])
@@ -141,6 +152,33 @@ def test_completion_attention_equals_full_forward_map(engine):
         assert att["attention"]["shape"] == [2, 2, len(ids), len(ids)]
         expected = full_attention(engine, ids).double().numpy()
         np.testing.assert_allclose(decoded(att["attention"]), expected, atol=1e-5)
+
+
+def test_completion_attention_computes_the_layers_heads_and_rows_asked_for_only(engine):
+    """A completion's maps come from the q and k its decode kept, every layer through SDPA:
+    one layer's and head's map equals that layer's and head's in an every-layer answer, no
+    softmax of another layer (or head, or row) is ever computed, none while decoding."""
+    prompt = "The dog"
+    every = engine.complete(
+        prompt,
+        CompletionParams(max_tokens=6, temperature=0, n=2, attention=AttentionOptions(decimals=8)),
+    )
+    for options, shape in (
+        (AttentionOptions(layers=[1], heads=[0], decimals=8), lambda T: (1, 1, T, T)),
+        (AttentionOptions(layers=[1], rows="last", decimals=8), lambda T: (1, 2, 1, T)),
+    ):
+        params = CompletionParams(max_tokens=6, temperature=0, n=2, attention=options)
+        with explicit_softmaxes(engine.model) as calls:
+            some = engine.complete(prompt, params)
+        lengths = [len(choice.attention["token_ids"]) for choice in some.choices]
+        assert calls == [(1, shape(T)) for T in lengths]  # one per choice, after decoding
+        for got, want in zip(some.choices, every.choices, strict=True):
+            assert got.text == want.text and got.tokens == want.tokens
+            full = decoded(want.attention["attention"])  # (L, H, T, T)
+            picked = full[[1]][:, options.heads or [0, 1]]
+            if options.rows == "last":
+                picked = picked[..., -1:, :]
+            np.testing.assert_allclose(decoded(got.attention["attention"]), picked, atol=1e-6)
 
 
 def test_stream_concatenates_to_completion(engine):

@@ -129,8 +129,8 @@ def test_concurrent_compiled_completions_equal_each_alone(engines):
 
 
 def test_attention_rows_beside_the_compiled_step(engines):
-    """Completions with attention maps decode alone, eager (the explicit path); the compiled
-    engine gives the same maps and text as the eager one."""
+    """Completions with attention maps decode alone, eager (every layer through SDPA, their q
+    and k kept); the compiled engine gives the same maps and text as the eager one."""
     eager, fast = engines
     params = CompletionParams(max_tokens=6, temperature=0, n=2, attention=AttentionOptions())
     got, want = fast.complete("The cat", params), eager.complete("The cat", params)

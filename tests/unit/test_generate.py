@@ -1,4 +1,8 @@
-"""Generation on the KV cache: greedy equals stepwise argmax, seeds reproduce, attention maps."""
+"""Generation on the KV cache: greedy equals stepwise argmax, seeds reproduce, attention maps
+(of every layer, of some layers only, or from the q and k an attention sink kept)."""
+
+import contextlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,6 +26,28 @@ CFG = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
 def model() -> GPT:
     torch.manual_seed(0)
     return GPT(CFG).eval()
+
+
+@contextlib.contextmanager
+def explicit_softmaxes(model: GPT) -> Iterator[list[tuple[int, tuple[int, ...]]]]:
+    """(layer, shape) of every attention softmax the model's layers compute while inside: each
+    explicit-path forward's, and each map computed later from kept q and k (SDPA's own, fused,
+    is not one of them)."""
+    calls: list[tuple[int, tuple[int, ...]]] = []
+    for layer, block in enumerate(model.transformer.h):
+        compute = block.attn.probabilities
+
+        def record(q, k, allowed, heads=None, layer=layer, compute=compute):
+            out = compute(q, k, allowed, heads)
+            calls.append((layer, tuple(out.shape)))
+            return out
+
+        block.attn.probabilities = record
+    try:
+        yield calls
+    finally:
+        for block in model.transformer.h:
+            del block.attn.probabilities
 
 
 def test_greedy_equals_stepwise_argmax_of_full_forward(model):
@@ -74,6 +100,49 @@ def test_completion_attention_assembled_from_cache_equals_full_map(model):
     full = model(seq, return_attention=True).attention
     assert result.attention.shape == full.shape == (CFG.n_layer, 2, CFG.n_head, 13, 13)
     torch.testing.assert_close(result.attention, full, atol=1e-5, rtol=0)
+
+
+def test_attention_layers_alone_take_the_explicit_path(model):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 6))
+    params = SamplingParams(max_new_tokens=7, temperature=0)
+    every = generate(model, prompt, params, return_attention=True)
+    with explicit_softmaxes(model) as calls:
+        one = generate(model, prompt, params, return_attention=True, attention_layers=[1])
+    assert one.tokens == every.tokens
+    assert one.attention.shape == (1, 2, CFG.n_head, 13, 13)
+    torch.testing.assert_close(one.attention[0], every.attention[1], atol=1e-6, rtol=0)
+    # the prefill and each of the 7 fed tokens, in layer 1 only; layer 0 ran SDPA
+    assert calls == [(1, (2, CFG.n_head, 6, 6))] + [
+        (1, (2, CFG.n_head, 1, 7 + i)) for i in range(7)
+    ]
+
+
+def test_attention_sink_keeps_q_and_k_of_every_fed_token(model):
+    """With a sink, no layer takes the explicit path; the q and k it kept give the maps."""
+    prompt = torch.randint(0, CFG.vocab_size, (2, 6))
+    params = SamplingParams(max_new_tokens=5, temperature=0)
+    every = generate(model, prompt, params, return_attention=True)
+    kept = []
+    with explicit_softmaxes(model) as calls:
+        steps = list(
+            stream(
+                model,
+                prompt,
+                params,
+                attention_layers=[0],
+                attention_sink=lambda layer, q, k: kept.append((layer, q, k)),
+            )
+        )
+    assert calls == [] and all(step.attention is None for step in steps)
+    assert [t.tolist() for t in torch.stack([s.tokens for s in steps], 1)] == every.tokens
+    assert [layer for layer, _, _ in kept] == [0] * 6  # the prefill, then each of 5 tokens
+    assert [tuple(q.shape) for _, q, _ in kept] == [(2, 2, 6, 16)] + [(2, 2, 1, 16)] * 5
+    assert [k.size(2) for _, _, k in kept] == [6, 7, 8, 9, 10, 11]
+    q = torch.cat([q for _, q, _ in kept], dim=2)  # (2, H, 11, hs)
+    k = kept[-1][2]  # (2, H, 11, hs): every position
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    maps = model.transformer.h[0].attn.probabilities(q, k, causal)  # (2, H, 11, 11)
+    torch.testing.assert_close(maps, every.attention[0], atol=1e-6, rtol=0)
 
 
 def test_stream_yields_raw_logits_and_finished_flags(model):

@@ -50,6 +50,8 @@ def test_model_bounds_are_stated(spec):
     assert completion["model"]["enum"] == ["tiny"]
     assert schemas["ProbeRequest"]["properties"]["model"]["anyOf"][0]["enum"] == ["tiny"]
     assert "64 tokens" in attention["text"]["description"]
+    assert "token ids" in attention["text"]["description"]
+    assert attention["text"]["anyOf"][1]["items"]["maximum"] == 299
     options = schemas["AttentionOptionsModel"]["properties"]  # return_attention's
     assert options["layers"]["anyOf"][0]["items"]["maximum"] == 1
 

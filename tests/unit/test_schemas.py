@@ -177,6 +177,15 @@ def test_a_bad_prompt_is_one_error_naming_the_prompt(prompt, kind):
     ]
 
 
+@pytest.mark.parametrize(
+    "text, kind",
+    [([], "too_short"), ([-1], "greater_than_equal"), (["a"], "int_type"), (5, "text_type")],
+)
+def test_attention_text_is_a_string_or_token_ids(text, kind):
+    assert AttentionRequest.model_validate({"text": [3, 1.0]}).text == [3, 1]
+    assert _field_errors(AttentionRequest, {"text": text}) == [(("text",), kind)]
+
+
 def test_integers_are_json_integers_strings_and_booleans_are_not():
     body = {"model": "m", "prompt": "p", "max_tokens": 3.0, "n": 2.0, "temperature": 1}
     parsed = CompletionRequest.model_validate(body)
@@ -200,8 +209,10 @@ def test_schema_states_the_text_and_seed_bounds():
     kinds = completion["prompt"]["anyOf"]
     assert kinds[0] == {"type": "string", "minLength": 1}
     assert kinds[2]["items"] == {"type": "integer", "minimum": 0} and kinds[2]["minItems"] == 1
-    for model in (NextTokenRequest, AttentionRequest, ProbeRequest):
+    for model in (NextTokenRequest, ProbeRequest):
         assert model.model_json_schema()["properties"]["text"]["minLength"] == 1
+    text, ids = AttentionRequest.model_json_schema()["properties"]["text"]["anyOf"]
+    assert text["minLength"] == 1 and ids["minItems"] == 1 and ids["items"]["minimum"] == 0
     layers = AttentionRequest.model_json_schema()["properties"]["layers"]["anyOf"][0]
     assert layers["minItems"] == 1 and layers["items"]["minimum"] == 0
 
