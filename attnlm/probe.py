@@ -246,6 +246,12 @@ def hard_cells(
     return [(b, k) for b in buckets for k in attractor_counts if 4 * k <= b[1]]
 
 
+def hard_buckets(block_size: int) -> tuple[tuple[int, int], ...]:
+    """The hard distance buckets whose sentences fit `block_size` tokens: the subject's phrase,
+    the verb and the end-of-text token take up to 16 more than the distance."""
+    return tuple(b for b in HARD_DISTANCE_BUCKETS if b[1] <= block_size - 16)
+
+
 def hard_probe_set(
     tokenizer: Tokenizer,
     per_cell: int = 50,
