@@ -510,6 +510,20 @@ def summarize(
     return summary
 
 
+def nearest_noun_scores(tokenizer: Tokenizer, items: Sequence[ProbeItem]) -> list[ItemScore]:
+    """The scores of a heuristic that agrees the verb with the lexicon noun nearest before it
+    (the subject itself when nothing intervenes): right exactly when that noun has the subject's
+    number. A reference line for the models: it needs no memory of the subject at all. The
+    log-probabilities are 0 and -1 (or -1 and 0), so only the accuracy means something."""
+    scores = []
+    for it in items:
+        between = tokenizer.decode(it.prefix_ids[it.subject_positions[-1] + 1 :])
+        numbers = [n for n in map(noun_number, _WORD.findall(between)) if n is not None]
+        agrees = (numbers[-1] if numbers else it.number) == it.number
+        scores.append(ItemScore(0.0 if agrees else -1.0, -1.0 if agrees else 0.0, None))
+    return scores
+
+
 # -- free sentences ---------------------------------------------------------------------------------------
 _WORD = re.compile(r"[A-Za-z']+")
 

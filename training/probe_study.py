@@ -30,12 +30,14 @@ import yaml
 from attnlm.artifact import load_artifact
 from attnlm.atomic import atomic_write
 from attnlm.probe import (
+    ProbeItem,
     hard_buckets,
     hard_probe_set,
     score_items,
     summarize,
     training_sentences,
 )
+from attnlm.tokenizer import Tokenizer
 from training.probe import model_label
 
 RESULT_FILE = "result.json"
@@ -55,17 +57,25 @@ def fit_stats(log_dir: Path) -> dict[str, Any]:
     }
 
 
-def hard_probe(artifact_path: Path, data: dict[str, Any], per_cell: int, strict: bool) -> dict:
-    """The full hard probe of an exported model: its summary by distance bucket, by number of
-    attractors and by cell, held out from the `data` settings' built-in training corpus."""
-    artifact = load_artifact(artifact_path, dtype=torch.float32)
-    tokenizer = artifact.tokenizer
-    exclude = training_sentences(data["corpus_sentences"], data["seed"])
-    block = artifact.config.block_size
+def hard_items(
+    tokenizer: Tokenizer, block: int, data: dict[str, Any], per_cell: int, strict: bool
+) -> tuple[list[ProbeItem], tuple[tuple[int, int], ...]]:
+    """The study's hard probe set for a `block`-token model trained on the `data` settings'
+    built-in corpus (held out from its sentences), and the distance buckets it covers."""
     buckets = hard_buckets(block)
+    exclude = training_sentences(data["corpus_sentences"], data["seed"])
     items = hard_probe_set(
         tokenizer, per_cell, block_size=block, buckets=buckets, exclude=exclude, strict=strict
     )
+    return items, buckets
+
+
+def hard_probe(artifact_path: Path, data: dict[str, Any], per_cell: int, strict: bool) -> dict:
+    """The full hard probe of an exported model: its summary by distance bucket, by number of
+    attractors and by cell."""
+    artifact = load_artifact(artifact_path, dtype=torch.float32)
+    tokenizer = artifact.tokenizer
+    items, buckets = hard_items(tokenizer, artifact.config.block_size, data, per_cell, strict)
     start = time.perf_counter()
     scores = score_items(artifact.model, items, tokenizer.eot_id, vocab_size=tokenizer.vocab_size)
     summary = summarize(items, scores, buckets)

@@ -20,6 +20,7 @@ from attnlm.probe import (
     hard_cells,
     hard_probe_set,
     make_item,
+    nearest_noun_scores,
     probe_cells,
     probe_set,
     score_items,
@@ -276,3 +277,15 @@ def test_summary_by_attractor_count_and_cell(tokenizer):
     assert set(summary.by_distance) == {f"{lo}-{hi}" for lo, hi in HARD_DISTANCE_BUCKETS}
     assert summary.by_distance_attractors[("151-200", 2)].n == 2
     assert summary.to_dict()["by_distance_attractors"]["151-200|0"]["accuracy"] == 1.0
+
+
+def test_nearest_noun_heuristic_goes_by_the_last_noun_before_the_verb(tokenizer):
+    texts = {
+        "The cat jumps.": True,  # nothing in between: the subject is the nearest noun
+        "The cat near the dogs jumps.": False,
+        "The cats that were sitting on the mat which was near the dogs sleep.": True,
+        "The cat that was sitting on the mats jumps.": False,
+    }
+    items = [analyze(tokenizer, text) for text in texts]
+    scores = nearest_noun_scores(tokenizer, items)
+    assert [s.correct for s in scores] == list(texts.values())
