@@ -78,33 +78,50 @@ def cell(runs: list[dict], table: str, key: str, field: str = "accuracy") -> Spr
     return Spread.of(r["probe"][table].get(key, {}).get(field) for r in runs)
 
 
-def tables(study: Study) -> list[Table]:
-    """The report's tables: accuracy and margin by distance and by attractors, the farthest
-    cells, the best head's attention to the subject."""
+def tables(study: Study, baseline: dict | None = None) -> list[Table]:
+    """The report's tables: accuracy and margin by distance and by attractors, the cells of the
+    shortest and of the farthest distances by attractors, the best head's attention to the
+    subject. `baseline` (a result-like {"probe": ...}, e.g. the nearest-noun heuristic's) adds a
+    row to the accuracy tables, named by its "name"."""
     out: list[Table] = []
+    rows_of = [*study.items()]
+    with_baseline = rows_of + ([(baseline["name"], [baseline])] if baseline else [])
     by = [("by_distance", BUCKETS, "d="), ("by_attractors", ATTRACTORS, "")]
     for field, what, scale, digits in (
         ("accuracy", "Agreement accuracy (%)", 100.0, 1),
         ("mean_margin_nats", "Mean margin log P(agreeing) - log P(other form), nats,", 1.0, 2),
     ):
         for table, keys, prefix in by:
-            title = f"{what} by {'subject-verb distance in tokens' if table == 'by_distance' else 'number of attractors'}"
+            by_what = (
+                "subject-verb distance in tokens"
+                if table == "by_distance"
+                else "number of attractors"
+            )
             header = ["model", *(f"{prefix}{k}" for k in keys)]
             rows = [
                 [name, *(_fmt(cell(runs, table, k, field), scale, digits) for k in keys)]
-                for name, runs in study.items()
+                for name, runs in (with_baseline if field == "accuracy" else rows_of)
             ]
-            out.append((title, header, rows))
-    far = BUCKETS[-1]
-    header = ["model", *(f"{k} attractors" for k in ATTRACTORS)]
-    rows = [
-        [
-            name,
-            *(_fmt(cell(runs, "by_distance_attractors", f"{far}|{k}"), 100.0) for k in ATTRACTORS),
+            out.append((f"{what} by {by_what}", header, rows))
+    near = [f"{b}|{k}" for b in BUCKETS[:2] for k in ATTRACTORS]
+    far = [f"{BUCKETS[-1]}|{k}" for k in ATTRACTORS]
+    for keys, title in (
+        (
+            near,
+            f"Agreement accuracy (%) at the shortest distances ({_names(BUCKETS[:2])} tokens), by attractors",
+        ),
+        (far, f"Agreement accuracy (%) at {BUCKETS[-1]} tokens, by number of attractors"),
+    ):
+        keys = [
+            k for k in keys if any(cell(runs, "by_distance_attractors", k) for _, runs in rows_of)
         ]
-        for name, runs in study.items()
-    ]
-    out.append((f"Agreement accuracy (%) at {far} tokens, by number of attractors", header, rows))
+        header = ["model", *(k.replace("|", " tok, ") + " attr" for k in keys)]
+        rows = [
+            [name, *(_fmt(cell(runs, "by_distance_attractors", k), 100.0) for k in keys)]
+            for name, runs in with_baseline
+        ]
+        out.append((title, header, rows))
+    far = BUCKETS[-1]
     attention = {n: r for n, r in study.items() if has_attention(r)}
     if attention:
         header = ["model", "best head (per seed)", *(f"d={b}" for b in BUCKETS), "uniform"]
@@ -133,9 +150,7 @@ def tables(study: Study) -> list[Table]:
 def worst_cells(study: Study, count: int = 5) -> list[str]:
     """The `count` (distance, attractors) cells of the lowest accuracy averaged over every model
     of the study (cells that every model has), as keys of by_distance_attractors."""
-    keys = {
-        k for runs in study.values() for r in runs for k in r["probe"]["by_distance_attractors"]
-    }
+    keys = [f"{b}|{k}" for b in BUCKETS for k in ATTRACTORS]  # ties keep this order
     means = {}
     for key in keys:
         spreads = [cell(runs, "by_distance_attractors", key) for runs in study.values()]
@@ -144,13 +159,14 @@ def worst_cells(study: Study, count: int = 5) -> list[str]:
     return sorted(means, key=means.get)[:count]
 
 
-def hardest_cells(study: Study, count: int = 5) -> Table:
-    """The table of `worst_cells`: each model's spread there."""
+def hardest_cells(study: Study, count: int = 5, baseline: dict | None = None) -> Table:
+    """The table of `worst_cells`: each model's spread there (and the `baseline`'s accuracy)."""
     worst = worst_cells(study, count)
-    header = ["distance, attractors", *study]
+    columns = [*study.values()] + ([[baseline]] if baseline else [])
+    header = ["distance, attractors", *study] + ([baseline["name"]] if baseline else [])
     rows = [
         [_cell_label(key)]
-        + [_fmt(cell(runs, "by_distance_attractors", key), 100.0) for runs in study.values()]
+        + [_fmt(cell(runs, "by_distance_attractors", key), 100.0) for runs in columns]
         for key in worst
     ]
     return (f"The {len(worst)} hardest cells (lowest accuracy over all models), %", header, rows)
@@ -190,14 +206,15 @@ def _line(ax, xs: Sequence, spreads: Sequence[Spread | None], scale: float, **kw
 def _save(plt, fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
-def plot_by_distance(study: Study, path: str | os.PathLike) -> Path:
+def plot_by_distance(study: Study, path: str | os.PathLike, baseline: dict | None = None) -> Path:
     """One row per size: accuracy and margin vs distance bucket, accuracy vs attractors; a line
-    per architecture (mean over seeds) with the min-max band."""
+    per architecture (mean over seeds) with the min-max band, and the `baseline`'s accuracy
+    dashed."""
     groups = sizes(study)
     plt, fig, axes = _axes_grid(len(groups), 3, 15, 3.8 * len(groups))
     for row, size in zip(axes, groups, strict=True):
@@ -211,6 +228,12 @@ def plot_by_distance(study: Study, path: str | os.PathLike) -> Path:
             counts = [int(k) for k in ATTRACTORS]
             accs = [cell(runs, "by_attractors", k) for k in ATTRACTORS]
             _line(row[2], counts, accs, 100, label=name)
+        if baseline is not None:
+            dashed = {"color": "grey", "ls": "--", "lw": 1, "label": baseline["name"]}
+            at = [cell([baseline], "by_distance", b) for b in BUCKETS]
+            _line(row[0], list(range(len(BUCKETS))), at, 100, **dashed)
+            at = [cell([baseline], "by_attractors", k) for k in ATTRACTORS]
+            _line(row[2], [int(k) for k in ATTRACTORS], at, 100, **dashed)
         for ax in row[:2]:
             ax.set_xticks(range(len(BUCKETS)), BUCKETS)
             ax.set_xlabel("tokens from subject to verb")
@@ -261,7 +284,7 @@ def plot_over_training(study: Study, path: str | os.PathLike) -> Path:
         right.set(
             xlabel="training step",
             ylabel="attention weight on the subject",
-            ylim=(0, 1.02),
+            ylim=(0, None),
             title=f"{size}: best head's attention to the subject",
         )
         right.legend(fontsize=8, loc="upper left")
@@ -294,12 +317,34 @@ def separations(study: Study, size: str, table: str, keys: Sequence[str]) -> lis
     return out
 
 
-def findings(study: Study) -> list[str]:
-    """Markdown bullets stating what the tables show, computed from them: the ceiling, the fall
-    with distance and with attractors, where the architectures' seed ranges separate and where
-    they do not, size, the best head, and training."""
+def findings(
+    study: Study,
+    trained_max: int | None = None,
+    baseline: dict | None = None,
+    modifiers: dict[str, tuple[float, int, int]] | None = None,
+) -> list[str]:
+    """Markdown bullets stating what the tables show, computed from them: the hardest cell, what
+    each model goes by at short distances (against the `baseline` heuristic), the distances seen
+    in training (`trained_max`: the longest subject-verb distance of the training sentences)
+    against longer ones and what the far buckets hold (`modifiers`: mean, min, max per bucket),
+    the fall with distance and with attractors, where the architectures' seed ranges separate
+    and where they do not, size, the best head, training."""
     lines = []
     near, far = BUCKETS[0], BUCKETS[-1]
+    if baseline is not None:
+        lines += [_goes_by(study, name, baseline) for name in study]
+    if trained_max is not None:
+        lines += _seen_and_unseen(study, trained_max)
+    if baseline is not None and modifiers and far in modifiers:
+        mean, lo, hi = modifiers[far]
+        b = cell([baseline], "by_distance", far)
+        lines.append(
+            f"- **What the far buckets reward.** A sentence of the {far} bucket nests {mean:.0f} "
+            f"modifiers on average ({lo}-{hi}), each with a noun, and at most "
+            f"{ATTRACTORS[-1]} of them have the other number: the {baseline['name']} heuristic, "
+            f"which never looks at the subject, is right on {_pct(b)} of them. Accuracy there "
+            "says little about finding the subject; the short distances with attractors do."
+        )
     for key in worst_cells(study, 1):
         spreads = {n: cell(runs, "by_distance_attractors", key) for n, runs in study.items()}
         ranked = sorted(spreads, key=lambda n: spreads[n].mean)
@@ -346,7 +391,13 @@ def findings(study: Study) -> list[str]:
                 parts.append(f"{arch} {_pct(sa)} ({small}) vs {_pct(sb)} ({big})")
         lines.append(f"- **Size**, at {far} tokens: " + "; ".join(parts) + ".")
     for name, runs in study.items():
+        steps, accuracy = history_spread(runs, "accuracy")
         if not has_attention(runs):
+            lines.append(
+                f"- **{name}** has no attention; its probe accuracy during training went from "
+                f"{_pct(accuracy[0])} at step {steps[0]} to {_pct(accuracy[-1])} at step "
+                f"{steps[-1]}."
+            )
             continue
         a = cell(runs, "by_distance", near, "best_head_attention")
         b = cell(runs, "by_distance", far, "best_head_attention")
@@ -356,6 +407,130 @@ def findings(study: Study) -> list[str]:
             f"- **{name}'s best head** puts {_fmt(a, 1, 2)} of its attention on the subject at "
             f"{near} tokens and {_fmt(b, 1, 2)} at {far} (uniform attention: {_fmt(u, 1, 3)}); "
             f"during training it went from {_fmt(history[0], 1, 2)} at step {steps[0]} to "
-            f"{_fmt(history[-1], 1, 2)} at step {steps[-1]}."
+            f"{_fmt(history[-1], 1, 2)} at step {steps[-1]}{_half_way(steps, history)}, and the "
+            f"probe accuracy from {_pct(accuracy[0])} to {_pct(accuracy[-1])}."
         )
     return lines
+
+
+def _half_way(steps: list[int], history: list[Spread | None]) -> str:
+    """', past half of that at step S' for a mean that rises, else ''."""
+    means = [h.mean if h else 0.0 for h in history]
+    start, end = means[0], means[-1]
+    if end - start < 0.02:
+        return ""
+    step = next(s for s, m in zip(steps, means, strict=True) if m >= start + (end - start) / 2)
+    return f" (half of the rise by step {step})"
+
+
+def _seen_and_unseen(study: Study, trained_max: int) -> list[str]:
+    """The distance buckets inside the training sentences' range against those past it."""
+    seen = [
+        b for (lo, hi), b in zip(HARD_DISTANCE_BUCKETS, BUCKETS, strict=True) if hi <= trained_max
+    ]
+    unseen = [
+        b for (lo, _), b in zip(HARD_DISTANCE_BUCKETS, BUCKETS, strict=True) if lo > trained_max
+    ]
+    if not seen or not unseen:
+        return []
+    inside = {n: [cell(r, "by_distance", b) for b in seen] for n, r in study.items()}
+    past = {n: [cell(r, "by_distance", b) for b in unseen] for n, r in study.items()}
+    lows = [(s.mean, n, b) for n, v in inside.items() for s, b in zip(v, seen, strict=True) if s]
+    highs = [(s.mean, n, b) for n, v in past.items() for s, b in zip(v, unseen, strict=True) if s]
+    if not lows or not highs:
+        return []
+    low, high = min(lows), max(highs)
+    return [
+        f"- **Inside and past the training distances.** No training sentence has its verb more "
+        f"than {trained_max} tokens after its subject. In the buckets inside that "
+        f"({_names(seen)} tokens) the lowest mean accuracy is {100 * low[0]:.1f} % ({low[1]} at "
+        f"{low[2]}); in the buckets wholly past it ({_names(unseen)}) the highest is "
+        f"{100 * high[0]:.1f} % ({high[1]} at {high[2]}), with 50 % for chance."
+    ]
+
+
+def finds_subject(runs: list[dict], threshold: float = 0.75) -> bool:
+    """Whether a model is right on `threshold` of the sentences, on average over seeds, in the
+    cell with the most attractors of each of the two shortest distance buckets."""
+    worst = []
+    for b in BUCKETS[:2]:
+        counts = [k for k in ATTRACTORS if cell(runs, "by_distance_attractors", f"{b}|{k}")]
+        if counts:
+            worst.append(cell(runs, "by_distance_attractors", f"{b}|{counts[-1]}").mean)
+    return bool(worst) and min(worst) >= threshold
+
+
+def in_short(study: Study, baseline: dict | None = None) -> str:
+    """The findings in a few sentences: which models find the subject at short distances, and
+    how those hold up at the farthest distance."""
+    near, far = BUCKETS[0], BUCKETS[-1]
+    finders = [n for n, runs in study.items() if finds_subject(runs)]
+    others = [n for n in study if n not in finders]
+    tokens = next(iter(study.values()))[0]["tokens"]
+    if not finders:
+        return (
+            f"With {tokens:,} training tokens each, no model finds the subject at short "
+            "distances when nouns of the other number stand between: the probe is below its "
+            "ceiling everywhere, and what it shows is which shortcut each model took."
+        )
+    text = (
+        f"With the same {tokens:,} training tokens, {_names(finders)} "
+        f"{'finds' if len(finders) == 1 else 'find'} the subject at short distances even with "
+        f"attractors in between; {_names(others) if others else 'no other model'} "
+        f"{'does' if len(others) == 1 else 'do'} not. "
+    )
+    falls = [
+        f"{n} {_pct(cell(study[n], 'by_distance', near))} at {near} tokens and "
+        f"{_pct(cell(study[n], 'by_distance', far))} at {far}"
+        for n in finders
+    ]
+    text += "Past the training distances that does not hold: " + "; ".join(falls)
+    if baseline is not None:
+        text += (
+            f", where the {baseline['name']} heuristic alone scores "
+            f"{_pct(cell([baseline], 'by_distance', far))}"
+        )
+    text += "."
+    attention = [n for n, runs in study.items() if has_attention(runs)]
+    if attention and not set(attention) & set(finders):
+        heads = "; ".join(
+            f"{n} {_fmt(cell(study[n], 'by_distance', near, 'best_head_attention'), 1, 2)}"
+            for n in attention
+        )
+        text += (
+            " So at this budget the probe does not show attention's advantage: the recurrent "
+            "model is the one that found the subject, while the attention models have a head "
+            f"that attends to it at {near} tokens (weight {heads}) but do not yet use it for "
+            "the verb's number."
+        )
+    return text
+
+
+def _goes_by(study: Study, name: str, baseline: dict) -> str:
+    """What a model follows at the two shortest distances: the subject (right with the most
+    attractors there), the nouns in between (right without attractors, below chance with the
+    most), or neither."""
+    runs = study[name]
+    none, most = [], []
+    for b in BUCKETS[:2]:
+        counts = [k for k in ATTRACTORS if cell(runs, "by_distance_attractors", f"{b}|{k}")]
+        if counts:
+            none.append(f"{b}|{counts[0]}")
+            most.append(f"{b}|{counts[-1]}")
+    a0 = [cell(runs, "by_distance_attractors", k) for k in none]
+    ak = [cell(runs, "by_distance_attractors", k) for k in most]
+    h = [cell([baseline], "by_distance_attractors", k) for k in most]
+    said = "; ".join(
+        f"{_cell_label(k0)} {_pct(x)}, {_cell_label(k)} {_pct(y)}"
+        for k0, x, k, y in zip(none, a0, most, ak, strict=True)
+    )
+    if finds_subject(runs):
+        verdict = "finds the subject"
+    elif min(x.mean for x in a0) >= 0.65 and max(y.mean for y in ak) < 0.5:
+        verdict = (
+            "goes by the nouns in between, not the subject (below chance where they disagree; "
+            f"the {baseline['name']} heuristic scores {', '.join(_pct(x) for x in h)} there)"
+        )
+    else:
+        verdict = "neither clearly finds the subject nor follows the nouns in between"
+    return f"- **{name} {verdict}**: {said}."
