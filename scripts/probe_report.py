@@ -42,7 +42,9 @@ from training.probe_spread import (  # noqa: E402
     BUCKETS,
     Spread,
     findings,
+    finds_subject,
     hardest_cells,
+    in_short,
     plot_by_distance,
     plot_over_training,
     tables,
@@ -183,19 +185,40 @@ def run_study(budget: dict, paths: dict, args: argparse.Namespace) -> tuple[dict
     return study, total
 
 
-def training_distances(artifact: Path, sentences: int, seed: int) -> dict:
-    """Subject-verb distances (tokens) of the first `sentences` training sentences: the corpus's
-    own generator and seed, the study's tokenizer."""
+def training_data(run_dir: Path, artifact: Path, budget: dict) -> dict:
+    """What the doc says about the data: the settings (from a run's saved config); the
+    subject-verb distances, in tokens, of every training sentence (the corpus's own generator,
+    seed and depths 0-3, the study's tokenizer); the hard probe set's modifiers per distance
+    bucket; and the nearest-noun heuristic's probe summary on that set."""
+    import yaml
+
     from attnlm.artifact import load_artifact
     from attnlm.corpus import generate_sentence
+    from attnlm.probe import distance_bucket, nearest_noun_scores, summarize
+    from training.probe_study import hard_items
 
-    tokenizer = load_artifact(artifact).tokenizer
-    rng = random.Random(seed)  # the draws of attnlm.corpus.iter_corpus(seed=seed)
+    (config,) = run_dir.glob("logs/version_*/config.yaml")
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))["data"]
+    artifact = load_artifact(artifact)
+    tokenizer = artifact.tokenizer
+    rng = random.Random(data["seed"])  # the draws of attnlm.corpus.iter_corpus(seed=seed)
     d = sorted(
-        sentence_item(tokenizer, generate_sentence(rng, 0, 3)).distance for _ in range(sentences)
+        sentence_item(tokenizer, generate_sentence(rng, 0, 3)).distance
+        for _ in range(data["corpus_sentences"])
     )
-    return {"n": sentences, "max": d[-1], "p99": d[int(0.99 * (len(d) - 1))],
-            "median": d[len(d) // 2]}  # fmt: skip
+    items, buckets = hard_items(
+        tokenizer, artifact.config.block_size, data, budget["per_cell"], not budget["lenient"]
+    )
+    depths: dict[str, list[int]] = {}
+    for it in items:
+        depths.setdefault(distance_bucket(it.distance, buckets), []).append(it.depth)
+    nearest = summarize(items, nearest_noun_scores(tokenizer, items), buckets)
+    return {
+        "sentences": data["corpus_sentences"], "vocab": tokenizer.vocab_size,
+        "max": d[-1], "p99": d[int(0.99 * (len(d) - 1))], "median": d[len(d) // 2],
+        "modifiers": {b: (sum(v) / len(v), min(v), max(v)) for b, v in depths.items()},
+        "nearest_noun": {"probe": nearest.to_dict()},
+    }  # fmt: skip
 
 
 def main() -> int:
@@ -245,22 +268,30 @@ def main() -> int:
         with atomic_write(meta_path, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     first = study[args.configs[0]][0]
-    train_d = training_distances(paths["artifacts"] / f"{args.configs[0]}-seed1", 20_000, 1337)
+    name = args.configs[0]
+    train_d = training_data(
+        paths["runs"] / name / "seed1", paths["artifacts"] / f"{name}-seed1", budget
+    )
+    nearest = {"name": "nearest noun", **train_d["nearest_noun"]}
     images = (
-        plot_by_distance(study, paths["img"] / "probe.png"),
+        plot_by_distance(study, paths["img"] / "probe.png", nearest),
         plot_over_training(study, paths["img"] / "probe-training.png"),
     )
-    write_doc(paths["doc"], images, study, meta, train_d, first)
+    write_doc(paths["doc"], images, study, meta, train_d, first, nearest)
     took = (time.perf_counter() - started) / 60
     print(f"wrote {paths['doc']}, {images[0]} and {images[1]} ({took:.1f} min)", flush=True)
     return 0
 
 
-def write_doc(path: Path, images, study: dict, meta: dict, train_d: dict, first: dict) -> None:
+def write_doc(
+    path: Path, images, study: dict, meta: dict, train_d: dict, first: dict, nearest: dict
+) -> None:
     b = meta["budget"]
     tokens = first["tokens"]
     block = tokens // (b["steps"] * b["batch_size"])
     n_cells = len(hard_cells())
+    titled = tables(study, nearest)
+    modifiers = train_d["modifiers"]
     lines = [
         "# The attention probe: long-range agreement with headroom",
         "",
@@ -282,7 +313,8 @@ def write_doc(path: Path, images, study: dict, meta: dict, train_d: dict, first:
         "## The models",
         "",
         f"Three architectures at two sizes, matched in parameters, trained on the same data "
-        f"(the built-in corpus, 100,000 sentences, byte-level BPE of 1,024 tokens) with the same "
+        f"(the built-in corpus, {train_d['sentences']:,} sentences, byte-level BPE of "
+        f"{train_d['vocab']:,} tokens) with the same "
         f"trainer, context ({block} tokens), token budget ({b['steps']} steps of "
         f"{b['batch_size']} windows: {tokens:,} tokens), learning-rate schedule and seeds "
         f"(`seed_everything` 1 to {b['seeds']}: the initialisation differs, the data and its "
@@ -305,25 +337,35 @@ def write_doc(path: Path, images, study: dict, meta: dict, train_d: dict, first:
     lines += [
         "## The probe",
         "",
-        f"Training sentences nest at most 3 modifiers: of the first {train_d['n']:,} of them, the "
-        f"subject-verb distance is {train_d['median']} tokens at the median, "
+        f"Training sentences nest at most 3 modifiers: over all {train_d['sentences']:,} of them "
+        f"the subject-verb distance is {train_d['median']} tokens at the median, "
         f"{train_d['p99']} at the 99th percentile and {train_d['max']} at most. The hard probe "
         f"set (`attnlm.probe.hard_probe_set`, seed {PROBE_SEED}) is held out from the training "
         f"sentences and reaches 200 tokens: {b['per_cell']} sentences in each of {n_cells} cells "
         f"of distance bucket x number of attractors (0-{HARD_ATTRACTORS[-1]}; a cell needs one "
         "modifier per attractor, so the 1-10 bucket stops at 2), "
-        f"{first['probe']['n']:,} sentences in all. Everything past ~{train_d['max']} tokens is "
-        "a distance no training sentence has.",
+        f"{first['probe']['n']:,} sentences in all. Everything past {train_d['max']} tokens is "
+        "a distance no training sentence has. To span more tokens a probe sentence nests more "
+        "modifiers, each with its noun:",
+        "",
+        "| distance bucket | " + " | ".join(modifiers) + " |",
+        "|---|" + "---|" * len(modifiers),
+        "| modifiers between subject and verb, mean (min-max) | "
+        + " | ".join(f"{m:.1f} ({lo}-{hi})" for m, lo, hi in modifiers.values())
+        + " |",
         "",
         "- **agreement accuracy**: the share of sentences where log P(agreeing form | prefix) > "
         "log P(other form | prefix). 50 % is chance.",
         "- **margin**: the mean of log P(agreeing form) - log P(other form), in nats.",
         "- **attractors**: nouns between subject and verb with the other number.",
+        "- **nearest noun**: a heuristic, not a model: the verb agrees with the noun nearest "
+        "before it (`attnlm.probe.nearest_noun_scores`). It never looks at the subject, so what "
+        "it gets right needs no memory of the subject.",
         "- **best head**: the layer and head whose attention from the verb-predicting position "
         "to the subject's tokens is highest on average (sentences where the subject is not the "
         "previous token); per seed.",
         "",
-        markdown_tables([*tables(study)[:5], hardest_cells(study), *tables(study)[5:]]),
+        markdown_tables([*titled[:6], hardest_cells(study, baseline=nearest), *titled[6:]]),
         f"![accuracy and margin by distance and attractors]({_rel(images[0], path)})",
         "",
         "## Over training",
@@ -337,7 +379,9 @@ def write_doc(path: Path, images, study: dict, meta: dict, train_d: dict, first:
         "",
         "## What it shows",
         "",
-        *findings(study),
+        in_short(study, nearest),
+        "",
+        *findings(study, train_d["max"], nearest, train_d["modifiers"]),
         "",
         "## Reproduce",
         "",
@@ -366,17 +410,35 @@ def why_sizes(study: dict, meta: dict) -> list[str]:
         return []
     tokens = next(iter(study.values()))[0]["tokens"]
     per_run = tokens / add.mean / 60
+    additive_minutes = (
+        sum(r["fit_seconds"] for n, runs in study.items() if n.startswith("additive") for r in runs)
+        / 60
+    )
+    five_m = 9 * per_run  # three seeds at ~3x the cost per token (6 layers x 256 vs 4 x 128)
+    verdict = (
+        f"more than the {2 * 45} core-minutes of the 45-minute budget on 2 cores"
+        if five_m > 2 * 45
+        else f"within the {2 * 45} core-minutes of the budget, but not beside the other 15 runs"
+    )
     return [
         f"Why not ~5M parameters: at a 256-token context additive-1m trained at {add.mean:,.0f} "
-        f"tokens/s, {dot.mean / add.mean:.1f}x slower than dot-1m ({dot.mean:,.0f}): its "
-        "v^T tanh(W_q q + W_k k) is computed for every (query, key) pair and head dimension, a "
-        "cost that grows with layers x width x context², so a 6-layer, 256-wide additive model "
-        f"costs about 3x more per token. One additive-1m run of {tokens:,} tokens took "
-        f"{per_run:.0f} min of one core; three seeds of a 5M additive model would take about "
-        f"{9 * per_run:.0f} core-minutes alone, more than the {2 * 45} core-minutes of the 45-"
-        "minute budget on 2 cores. "
-        "Nor would fewer tokens do (see the probe over training below). So the second size goes down, not up: ~0.35M parameters, where a recurrent state of "
-        "118 units has less room to carry the subject.",
+        f"tokens/s (two runs sharing the 2 cores), {dot.mean / add.mean:.1f}x slower than dot-1m "
+        f"({dot.mean:,.0f}): its v^T tanh(W_q q + W_k k) is computed for every (query, key) "
+        "pair and head dimension, a cost that grows with layers x width x context², so a "
+        "6-layer, 256-wide additive model costs about 3x more per token. One additive-1m run "
+        f"of {tokens:,} tokens takes {per_run:.0f} min of one core at that speed; three seeds "
+        f"of a 5M additive model would take about {five_m:.0f} core-minutes alone, {verdict}. "
+        + (
+            "More tokens do not fit either, though the attention models have not learned "
+            "agreement within this budget (below): the six additive runs already took "
+            f"{additive_minutes:.0f} of this run's {meta['wall_seconds'] * meta['jobs'] / 60:.0f} "
+            "core-minutes. "
+            if not any(finds_subject(r) for n, r in study.items() if not n.startswith("lstm"))
+            else ""
+        )
+        + "So the second size goes down, not up: "
+        "~0.35M parameters, where a recurrent state of 118 units has less room to carry the "
+        "subject.",
     ]
 
 

@@ -22,7 +22,8 @@ def test_quick_probe_report_writes_tables_plots_and_histories(tmp_path):
     for title in (
         "Agreement accuracy (%) by subject-verb distance in tokens",
         "Agreement accuracy (%) by number of attractors",
-        "by number of attractors\n",
+        "Mean margin log P(agreeing) - log P(other form), nats, by subject-verb distance",
+        "| nearest noun |",
         "hardest cells",
         "Best head: attention from the verb-predicting position to the subject",
         "## What it shows",
