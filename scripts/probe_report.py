@@ -257,7 +257,8 @@ def main() -> int:
     meta_path = paths["runs"] / STUDY_FILE
     old_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if made == 0 and old_meta and old_meta.get("budget") == budget:
-        meta = old_meta  # nothing ran: the doc keeps the wall time of the run that made these
+        # nothing ran: the doc keeps the wall time of the run that made these results
+        meta = {**old_meta, "rendered": dt.date.today().isoformat()}
     else:
         meta = {
             "budget": budget, "date": dt.date.today().isoformat(),
@@ -300,7 +301,12 @@ def write_doc(
         f"{meta['cores']} CPU cores ({meta['cpu']}, no GPU), {meta['jobs']} runs at a time with "
         f"{meta['threads']} thread(s) each; 1-minute load average {meta['load']['mean']:.1f} on "
         f"average and {meta['load']['max']:.1f} at most during the run. Every number below is "
-        "what that run produced._",
+        "what that run produced"
+        + (
+            f" (this text was written again from its saved results on {meta['rendered']})._"
+            if meta.get("rendered")
+            else "._"
+        ),
         "",
         'The seed of this project is the sentence *"The cat that was sitting on the mat which was '
         'next to the dog jumped"*: to continue it a model must link the verb to the subject across '

@@ -49,4 +49,6 @@ def test_quick_probe_report_writes_tables_plots_and_histories(tmp_path):
     )
     assert code == 0, output
     assert "12 runs reused, 0 to run" in output and "started" not in output
-    assert (tmp_path / "probe.md").read_text() == doc  # same runs, same study.json: same doc
+    again = (tmp_path / "probe.md").read_text()
+    assert "written again from its saved results" in again.splitlines()[2]
+    assert again.splitlines()[3:] == doc.splitlines()[3:]  # same runs, same study.json
