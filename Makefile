@@ -67,7 +67,9 @@ demo: train export generate serve-bg
 bench: install
 	$(PY) bench/train_throughput.py
 
-# Train tiny, tiny-additive and tiny-lstm on the same data and budget, probe them, write docs/probe.md
+# The probe study: configs/probe/* (3 architectures x 2 sizes) x 3 seeds on the same data and
+# budget, probed over training and on the hard set; writes docs/probe.md and docs/img/probe*.png
+# (~40 min on 2 cores). PROBE_QUICK=1: the same on tiny settings, into a temp dir (~1-2 min).
 probe-report: install
 	$(PY) scripts/probe_report.py
 

@@ -246,6 +246,12 @@ def hard_cells(
     return [(b, k) for b in buckets for k in attractor_counts if 4 * k <= b[1]]
 
 
+def hard_buckets(block_size: int) -> tuple[tuple[int, int], ...]:
+    """The hard distance buckets whose sentences fit `block_size` tokens: the subject's phrase,
+    the verb and the end-of-text token take up to 16 more than the distance."""
+    return tuple(b for b in HARD_DISTANCE_BUCKETS if b[1] <= block_size - 16)
+
+
 def hard_probe_set(
     tokenizer: Tokenizer,
     per_cell: int = 50,
@@ -329,8 +335,12 @@ def score_items(
     batch_size: int = 64,
     vocab_size: int | None = None,
 ) -> list[ItemScore]:
-    """Agreement log-probabilities and attention-to-subject for each item (batched forwards of
-    `eot + prefix + form`, right-padded: causal models never look at the padding).
+    """Agreement log-probabilities and attention-to-subject for each item, in the items' order.
+
+    One forward of `eot + prefix + form` per item, right-padded (causal models never look at the
+    padding), in batches of similar lengths. The other form's first token is read off the same
+    forward's verb-predicting row, so it costs a second sequence only when it spans several
+    tokens.
 
     `model(idx, return_attention=...)` must return logits (B, T, V) and, when the model has
     attention (`model.has_attention`), attention (L, B, H, T, T). `vocab_size` cuts padded
@@ -338,11 +348,12 @@ def score_items(
     """
     device = _device(model)
     with_attention = bool(getattr(model, "has_attention", False))
-    scores: list[ItemScore] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prefix_ids))
+    scores: dict[int, ItemScore] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start : start + batch_size]]
         seqs = [[eot_id, *it.prefix_ids, *it.verb_ids] for it in chunk]
-        seqs += [[eot_id, *it.prefix_ids, *it.wrong_ids] for it in chunk if it.wrong_ids]
+        seqs += [[eot_id, *it.prefix_ids, *it.wrong_ids] for it in chunk if _own_forward(it)]
         idx = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         for b, seq in enumerate(seqs):
             idx[b, : len(seq)] = torch.tensor(seq)
@@ -356,16 +367,23 @@ def score_items(
             first = 1 + len(item.prefix_ids)  # the verb's first token in the sequence
             correct = _sequence_logprobs(logprobs[b], first, item.verb_ids)
             wrong = None
-            if item.wrong_ids:
+            if _own_forward(item):
                 wrong = _sequence_logprobs(logprobs[wrong_row], first, item.wrong_ids)
                 wrong_row += 1
+            elif item.wrong_ids:  # one token, predicted from the row the verb's first is
+                wrong = _sequence_logprobs(logprobs[b], first, item.wrong_ids)
             attention = None
             if with_attention:
                 subject = torch.tensor(item.subject_positions, device=device) + 1  # after eot
                 row = out.attention[:, b, :, first - 1]  # (L, H, T_k)
                 attention = row.index_select(-1, subject).sum(-1).float().cpu()  # (L, H)
-            scores.append(ItemScore(correct, wrong, attention))
-    return scores
+            scores[order[start + b]] = ItemScore(correct, wrong, attention)
+    return [scores[i] for i in range(len(items))]
+
+
+def _own_forward(item: ProbeItem) -> bool:
+    """Whether the other verb form needs a forward of its own (it spans several tokens)."""
+    return item.wrong_ids is not None and len(item.wrong_ids) > 1
 
 
 # -- summary --------------------------------------------------------------------------------------------
@@ -490,6 +508,20 @@ def summarize(
     summary.by_depth = dict(sorted(summary.by_depth.items()))
     summary.by_attractors = dict(sorted(summary.by_attractors.items()))
     return summary
+
+
+def nearest_noun_scores(tokenizer: Tokenizer, items: Sequence[ProbeItem]) -> list[ItemScore]:
+    """The scores of a heuristic that agrees the verb with the lexicon noun nearest before it
+    (the subject itself when nothing intervenes): right exactly when that noun has the subject's
+    number. A reference line for the models: it needs no memory of the subject at all. The
+    log-probabilities are 0 and -1 (or -1 and 0), so only the accuracy means something."""
+    scores = []
+    for it in items:
+        between = tokenizer.decode(it.prefix_ids[it.subject_positions[-1] + 1 :])
+        numbers = [n for n in map(noun_number, _WORD.findall(between)) if n is not None]
+        agrees = (numbers[-1] if numbers else it.number) == it.number
+        scores.append(ItemScore(0.0 if agrees else -1.0, -1.0 if agrees else 0.0, None))
+    return scores
 
 
 # -- free sentences ---------------------------------------------------------------------------------------

@@ -169,8 +169,13 @@ def format_text(results: list[ModelProbe]) -> str:
 
 
 def format_markdown(results: list[ModelProbe]) -> str:
+    return markdown_tables(tables(results))
+
+
+def markdown_tables(titled: list[tuple[str, list[str], list[list[str]]]]) -> str:
+    """(title, header, rows) tables as Markdown, each under its title in bold."""
     parts = []
-    for title, header, rows in tables(results):
+    for title, header, rows in titled:
         parts.append(f"**{title}**\n")
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "---|" * len(header))

@@ -36,9 +36,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from attnlm.atomic import atomic_write
 from attnlm.probe import (
     DISTANCE_BUCKETS,
-    HARD_DISTANCE_BUCKETS,
     PROBE_SEED,
     ProbeSummary,
+    hard_buckets,
     hard_probe_set,
     probe_set,
     score_items,
@@ -96,8 +96,8 @@ class ProbeOverTraining(L.Callback):
         if self._items is None:
             data = trainer.datamodule
             tokenizer, block = data.tokenizer, data.block_size
-            if self.hard:  # the distance buckets that leave room for subject phrase and verb
-                self.buckets = tuple(b for b in HARD_DISTANCE_BUCKETS if b[1] <= block - 16)
+            if self.hard:
+                self.buckets = hard_buckets(block)
                 if not self.buckets:
                     raise ValueError(f"the hard probe set needs a context of >= 26, not {block}")
                 self._items = hard_probe_set(

@@ -20,6 +20,7 @@ from attnlm.probe import (
     hard_cells,
     hard_probe_set,
     make_item,
+    nearest_noun_scores,
     probe_cells,
     probe_set,
     score_items,
@@ -165,6 +166,45 @@ def test_attention_to_subject_reads_the_verb_predicting_row(tokenizer, items):
     assert summary.accuracy == 1.0
 
 
+@torch.no_grad()
+def _score_each_form_alone(model, item, eot_id):
+    """The reference: one unbatched forward per verb form, nothing shared."""
+    logprobs = {}
+    for name, ids in (("verb", item.verb_ids), ("wrong", item.wrong_ids)):
+        seq = torch.tensor([[eot_id, *item.prefix_ids, *ids]])
+        out = model(seq, return_attention=True)
+        logp = F.log_softmax(out.logits[0].float(), dim=-1)
+        first = 1 + len(item.prefix_ids)
+        logprobs[name] = sum(float(logp[first - 1 + i, t]) for i, t in enumerate(ids))
+        if name == "verb":
+            subject = torch.tensor(item.subject_positions) + 1
+            attention = out.attention[:, 0, :, first - 1].index_select(-1, subject).sum(-1)
+    return logprobs["verb"], logprobs["wrong"], attention
+
+
+def test_batched_scores_equal_one_forward_per_form(tokenizer, word_tokenizer):
+    """Batches sorted by length, the other form read off the verb's forward when it is one
+    token: the same numbers, in the items' order, as a forward per form alone."""
+    from attnlm.config import GPTConfig
+    from attnlm.model import GPT
+
+    for tok in (tokenizer, word_tokenizer):  # forms of several tokens, then of one
+        items = hard_probe_set(tok, per_cell=1, seed=5, block_size=128, strict=False)
+        items = items[::-1]  # longest first: the batches reorder them
+        torch.manual_seed(0)
+        model = GPT(
+            GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32)
+        )
+        model.eval()
+        scores = score_items(model, items, tok.eot_id, batch_size=5)
+        for item, score in zip(items, scores, strict=True):
+            correct, wrong, attention = _score_each_form_alone(model, item, tok.eot_id)
+            assert score.correct_logprob == pytest.approx(correct, abs=1e-4)
+            assert score.wrong_logprob == pytest.approx(wrong, abs=1e-4)
+            torch.testing.assert_close(score.attention_to_subject, attention, atol=1e-5, rtol=0)
+    assert any(len(i.wrong_ids) > 1 for i in hard_probe_set(tokenizer, per_cell=1, seed=5))
+
+
 def test_distance_buckets():
     assert [distance_bucket(d) for d in (1, 2, 5, 6, 15, 20, 21, 99)] == [
         "1", "2-5", "2-5", "6-10", "11-15", "16-20", "21+", "21+",
@@ -237,3 +277,15 @@ def test_summary_by_attractor_count_and_cell(tokenizer):
     assert set(summary.by_distance) == {f"{lo}-{hi}" for lo, hi in HARD_DISTANCE_BUCKETS}
     assert summary.by_distance_attractors[("151-200", 2)].n == 2
     assert summary.to_dict()["by_distance_attractors"]["151-200|0"]["accuracy"] == 1.0
+
+
+def test_nearest_noun_heuristic_goes_by_the_last_noun_before_the_verb(tokenizer):
+    texts = {
+        "The cat jumps.": True,  # nothing in between: the subject is the nearest noun
+        "The cat near the dogs jumps.": False,
+        "The cats that were sitting on the mat which was near the dogs sleep.": True,
+        "The cat that was sitting on the mats jumps.": False,
+    }
+    items = [analyze(tokenizer, text) for text in texts]
+    scores = nearest_noun_scores(tokenizer, items)
+    assert [s.correct for s in scores] == list(texts.values())

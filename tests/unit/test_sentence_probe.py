@@ -69,3 +69,39 @@ def test_errors_name_their_param(tokenizer, text, kwargs, max_context, param, co
     with pytest.raises(EngineError) as info:
         probe_sentence(model(tokenizer), tokenizer, max_context, text, ids, **kwargs)
     assert (info.value.param, info.value.code, info.value.status) == (param, code, 400)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"attention": "additive"}, {"arch": "lstm", "n_head": 1}],
+    ids=["dot-product", "additive", "lstm"],
+)
+def test_probe_endpoint_on_a_256_token_model_and_a_hard_set_sentence(tmp_path, config):
+    """/v1/probe's engine path on an exported 256-token model (the probe study's context) and
+    sentences of the hard set's farthest bucket (150-200 tokens from subject to verb): it finds
+    the generator's subject and verb, and scores them as the study's batched probe does."""
+    from attnlm.probe import hard_probe_set, score_items
+    from serving.engine import Engine
+    from tests.integration.helpers import build_tiny_artifact
+
+    folder = build_tiny_artifact(tmp_path / "m", block_size=256, **config)
+    engine = Engine(folder, device="cpu")
+    items = hard_probe_set(
+        engine.tokenizer, per_cell=1, buckets=((151, 200),), attractor_counts=(0, 3), strict=False
+    )
+    assert items and all(it.distance > 150 for it in items)
+    scores = score_items(engine.model, items, engine.tokenizer.eot_id)
+    for item, score in zip(items, scores, strict=True):
+        result = engine.probe(item.text)
+        assert result.subject["token_positions"] == item.subject_positions
+        assert (
+            result.verb["token_position"] == item.verb_position and result.distance == item.distance
+        )
+        assert (result.verb["correct"], result.verb["wrong"]) == (item.verb, item.wrong_verb)
+        got = result.agreement
+        assert got["correct_logprob"] == pytest.approx(score.correct_logprob, abs=1e-3)
+        assert got["wrong_logprob"] == pytest.approx(score.wrong_logprob, abs=1e-3)
+        if "n_head" in config:
+            assert result.attention_to_subject is None
+        else:
+            assert len(result.attention_to_subject) == 2 and result.best_head is not None
