@@ -5,7 +5,8 @@ one request greedily on the compiled step (the path serving and bench/decode_spe
 Prints ms per step and the profiler's table (self CPU time by op, top rows); the parts of a
 step are marked with record_function: `sample` (SamplingState.choose: argmax, budget),
 `decode step` (StaticDecoder.step: the call into the compiled graph and the graph itself),
-`prefill` (the prompt's forward, once per request).
+`prefill` (the prompt's forward, once per request). Then the step's graph called directly, as the
+decoder calls it, against the same graph dispatched through dynamo, in turns.
 
     .venv/bin/python bench/decode_profile.py --shape tiny --dtype float32
     .venv/bin/python bench/decode_profile.py --shape small --dtype bfloat16 --rows 25
@@ -84,6 +85,30 @@ def main() -> None:
         f"{new_tokens} tokens"
     )
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
+    print(call_overhead(batch.decoder, new_tokens // 2))
+
+
+def call_overhead(decoder, key_length: int, calls: int = 2000, rounds: int = 5) -> str:
+    """One row's step called as the decoder calls it (the warmed graph as a plain function,
+    `StaticDecoder._direct_calls`) against the same graph dispatched by dynamo (frame
+    evaluation, cache lookup, stance): best of `rounds` of `calls` each, in turns."""
+    if decoder.mode != "inductor" or not decoder._direct:
+        return f"no direct call to compare ({decoder.mode}, {decoder.fallback})"
+    ways = {"direct": decoder._run_direct, "through dynamo": decoder._run_inductor}
+    best = dict.fromkeys(ways, float("inf"))
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, run in ways.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    run(1, key_length)
+                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    direct, dynamo = best["direct"], best["through dynamo"]
+    return (
+        f"a one-row step of {key_length} keys: direct {1e6 * direct:.1f} us, through dynamo "
+        f"{1e6 * dynamo:.1f} us ({1e6 * (dynamo - direct):.1f} us a call saved, "
+        f"best of {rounds} x {calls} calls in turns)"
+    )
 
 
 if __name__ == "__main__":
