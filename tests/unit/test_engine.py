@@ -19,6 +19,7 @@ from serving.engine import (
 from tests.unit.test_artifact_vocab import write_padded_folder
 from tests.unit.test_attention_maps import decoded
 from tests.unit.test_generate import explicit_softmaxes
+from tests.unit.together import complete_together
 
 EXTRA_IDS = 5  # model vocabulary past the tokenizer's: ids without text
 TEXTS = ["The cats near the dog sleep.", "A dog", " "]
@@ -371,7 +372,6 @@ def test_lstm_engine_batches_by_length_buckets(tmp_path):
 def test_concurrent_completions_decode_together_and_match_alone(engine, monkeypatch):
     """Requests in flight at the same time share decode forwards (rows at their own positions)
     and each gets what it gets alone: greedy text, seeded samples, stop strings, n > 1."""
-    import threading
 
     requests = [
         ("The cats near the dog", CompletionParams(max_tokens=12, temperature=0)),
@@ -390,18 +390,7 @@ def test_concurrent_completions_decode_together_and_match_alone(engine, monkeypa
         return forward(idx, *args, **kwargs)
 
     monkeypatch.setattr(engine.model, "forward", counting_forward)
-    results: list = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def run(i: int) -> None:
-        start.wait()
-        results[i] = engine.complete(*requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    results = complete_together(engine, requests)
     for got, want in zip(results, alone, strict=True):
         assert [c.text for c in got.choices] == [c.text for c in want.choices]
         assert [c.finish_reason for c in got.choices] == [c.finish_reason for c in want.choices]

@@ -2,7 +2,6 @@
 for the module, ~10-40 s): completions greedy and seeded, with stop strings, n, logprobs and echo,
 streams, concurrent requests and attention rows are what the eager engine gives."""
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from attnlm.corpus import generate_corpus
 from attnlm.model import GPT
 from attnlm.tokenizer import Tokenizer
 from serving.engine import AttentionOptions, CompletionParams, Engine
+from tests.unit.together import complete_together
 
 CASES = [
     ("The cats near the dog", CompletionParams(max_tokens=20, temperature=0)),
@@ -112,18 +112,7 @@ def test_compiled_streams_equal_their_completions(engines):
 def test_concurrent_compiled_completions_equal_each_alone(engines):
     eager, fast = engines
     alone = [eager.complete(prompt, params) for prompt, params in CASES]
-    results: list = [None] * len(CASES)
-    start = threading.Barrier(len(CASES))
-
-    def run(i: int) -> None:
-        start.wait()
-        results[i] = fast.complete(*CASES[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(CASES))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = complete_together(fast, CASES, timeout=120)
     for got, want in zip(results, alone, strict=True):
         assert_same_completion(got, want)
 

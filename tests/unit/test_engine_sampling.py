@@ -4,13 +4,13 @@ candidates, max_tokens 0 scoring, a mixed concurrent batch, tokenize/detokenize,
 
 import json
 import math
-import threading
 
 import pytest
 import torch
 
 from serving.engine import CompletionParams, Engine, EngineError
 from tests.integration.helpers import build_tiny_artifact
+from tests.unit.together import complete_together
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +98,7 @@ def test_mixed_concurrent_batch_leaves_the_plain_requests_alone(engine):
         ("The dogs", CompletionParams(max_tokens=9, temperature=0.7, seed=8, n=3)),
     ]
     alone = [engine.complete(p, params) for p, params in requests]
-    results: list = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def run(i: int) -> None:
-        start.wait()
-        results[i] = engine.complete(*requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    results = complete_together(engine, requests)
     for got, want in zip(results, alone, strict=True):
         assert [c.text for c in got.choices] == [c.text for c in want.choices]
 
