@@ -397,8 +397,9 @@ class GPT(nn.Module):
         segments: torch.Tensor | None = None,
         attention_layers: Collection[int] | None = None,
         attention_sink: AttentionSink | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> GPTOutput:
-        """Next-token logits for every position.
+        """Next-token logits for every position (or for the positions in `logits_at`).
 
         Args:
             idx: token ids (B, T).
@@ -422,11 +423,16 @@ class GPT(nn.Module):
                 (B, nh, T, hs) and keys (B, nh, T_k, hs) (after projection, before attending):
                 maps can be computed later, and in parts, with that layer's
                 `CausalSelfAttention.probabilities` (serving's attention selections do).
+            logits_at: (n, 2) long pairs (row, position): the output head runs on those n
+                positions only and logits is (n, V). A text's next token needs one position's
+                logits; a vocabulary of 50,257 over every position of a 1,024-token text is a
+                third of the forward and 200 MB of float32. Not with targets.
 
         Returns:
-            GPTOutput(logits (B, T, V), loss or None, attention (n_attention_layers, B, nh, T,
-            T_k) or None), with T_k = input_pos + T, or key_length or max(row_positions) + 1,
-            or T; n_attention_layers = n_layer, or len(attention_layers).
+            GPTOutput(logits (B, T, V) or (n, V), loss or None, attention (n_attention_layers,
+            B, nh, T, T_k) or None), with T_k = input_pos + T, or key_length or
+            max(row_positions) + 1, or T; n_attention_layers = n_layer, or
+            len(attention_layers).
         """
         B, T = idx.shape
         mask = None  # plain or input_pos: causal over the last T keys (SDPA's fast paths)
@@ -436,6 +442,8 @@ class GPT(nn.Module):
             raise ValueError("segments (packed rows) cannot be combined with the KV cache")
         if key_length is not None and row_positions is None:
             raise ValueError("key_length goes with row_positions")
+        if logits_at is not None and (targets is not None or logits_at.dim() != 2):
+            raise ValueError("logits_at is (n, 2) pairs (row, position), without targets")
         if row_positions is not None:  # rows at different positions (batched decoding)
             if input_pos is not None or T != 1 or row_positions.shape != (B,):
                 raise ValueError("row_positions needs idx (B, 1), row_positions (B,), no input_pos")
@@ -466,7 +474,9 @@ class GPT(nn.Module):
             if explicit:
                 attentions.append(att)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, V)
+        if logits_at is not None:
+            x = x[logits_at[:, 0], logits_at[:, 1]]  # (n, C)
+        logits = self.lm_head(x)  # (B, T, V) or (n, V)
         loss = lm_loss(logits, targets)
         attention = torch.stack(attentions) if attentions else None  # (L', B, nh, T, T_k)
         return GPTOutput(logits, loss, attention)

@@ -327,11 +327,7 @@ class Engine:
         rows = [self.encode(text) for text in texts]
         if not rows:
             return []
-        logits = torch.empty(len(rows), self.tokenizer.vocab_size, device=self.device)  # (B, V)
-        for placements, out in self._forwards.batches(rows):
-            at = torch.tensor([(r, s + len(rows[i]) - 1) for i, r, s in placements])  # (n, 2)
-            at = at.to(self.device)
-            logits[[i for i, _, _ in placements]] = out.logits[at[:, 0], at[:, 1]].float()
+        logits = self._forwards.last_logits(rows)  # (B, V)
         top_logprobs, top_ids = F.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
         top_logprobs, top_ids = top_logprobs.tolist(), top_ids.tolist()
         strings = self.tokenizer.token_strings([i for ids in top_ids for i in ids])

@@ -89,6 +89,24 @@ class TextForwards:
         out = self.model(idx.to(self.device), return_attention=return_attention)
         return out._replace(logits=out.logits[..., : self.vocab_size])
 
+    def last_logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """The next-token logits after each of `rows` (len(rows), V) float32. Packed rows of an
+        attention model run the output head on each text's last position only
+        (`GPT.forward(logits_at=...)`); padded ones (the LSTM, batch-invariant mode, whose
+        numbers must not depend on the batch) take it from the whole forward's logits."""
+        logits = torch.empty(len(rows), self.vocab_size, device=self.device)  # (B, V)
+        if self.model.has_attention and not self.batch_invariant:
+            placements, idx, segments = self._packed(rows)
+            at = torch.tensor([(r, s + len(rows[i]) - 1) for i, r, s in placements])  # (n, 2)
+            out = self.model(idx, segments=segments, logits_at=at.to(self.device))
+            logits[[i for i, _, _ in placements]] = out.logits[:, : self.vocab_size].float()
+            return logits
+        for placements, out in self.batches(rows):
+            at = torch.tensor([(r, s + len(rows[i]) - 1) for i, r, s in placements])  # (n, 2)
+            at = at.to(self.device)
+            logits[[i for i, _, _ in placements]] = out.logits[at[:, 0], at[:, 1]].float()
+        return logits
+
     def keep_qk(
         self, rows: list[list[int]], layers: list[int], sink: AttentionSink
     ) -> list[tuple[int, int, int]]:

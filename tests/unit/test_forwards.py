@@ -48,6 +48,43 @@ def test_batches_place_every_row_once_with_its_own_logits(arch):
         assert forwards_run > 1 and set(starts) == {0}
 
 
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_last_logits_are_each_texts_last_position_alone(arch, monkeypatch):
+    """Each text's next-token logits are those of its last position in a forward of its own;
+    packed rows of an attention model run the output head on those positions only."""
+    torch.manual_seed(0)
+    heads = 2 if arch == "transformer" else 1
+    config = GPTConfig(
+        vocab_size=VOCAB + 3, block_size=32, n_layer=2, n_head=heads, n_embd=16, arch=arch
+    )
+    model = build_model(config).eval()
+    forwards = TextForwards(model, VOCAB, max_context=32, device=torch.device("cpu"))
+    rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 17, 3, 9, 30, 1)]
+    head_rows = []
+    head = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: head_rows.append(x.shape) or head(x))
+    with torch.no_grad():
+        got = forwards.last_logits(rows)
+        assert got.shape == (len(rows), VOCAB) and got.dtype == torch.float32
+        if arch == "transformer":
+            assert head_rows == [(len(rows), config.n_embd)]  # one position a text
+        for i, ids in enumerate(rows):
+            alone = forwards.padded([ids]).logits[0, -1]
+            torch.testing.assert_close(got[i], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_logits_at_is_the_full_forwards_logits_there():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, VOCAB, (3, 16))
+    at = torch.tensor([[0, 15], [2, 3], [1, 0], [2, 3]])
+    with torch.no_grad():
+        full = model.eval()(idx).logits
+        torch.testing.assert_close(model(idx, logits_at=at).logits, full[at[:, 0], at[:, 1]])
+    with pytest.raises(ValueError, match="without targets"):
+        model(idx, targets=idx, logits_at=at)
+
+
 def test_length_buckets_bound_padding_and_cover_every_row():
     lengths = [4, 27, 5, 26, 12, 13, 4, 25]
     buckets = length_buckets(lengths, max_padding=0.2)
