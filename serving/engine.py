@@ -248,8 +248,9 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of any text (`POST /tokenize`: also over the context window)."""
-        if unicode_error(text) is not None:
-            raise invalid(unicode_error(text), "prompt")
+        error = unicode_error(text)
+        if error is not None:
+            raise invalid(error, "prompt")
         return self.tokenizer.encode(text)
 
     def detokenize(self, ids: list[int]) -> str:
@@ -555,8 +556,6 @@ class Engine:
             for step in steps:
                 tokens = step.tokens.tolist()
                 records = token_records(self.tokenizer, step.tokens, step.logits, params.logprobs)
-                if step.attention is not None:
-                    run.attention_rows.append(step.attention)
                 scores = [0.0] * rows
                 if rows > params.n:  # best_of: each row's mean logprob ranks it
                     logprobs = F.log_softmax(step.logits.float(), dim=-1)  # (rows, V)
