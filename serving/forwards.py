@@ -94,16 +94,19 @@ class TextForwards:
         attention model run the output head on each text's last position only
         (`GPT.forward(logits_at=...)`); padded ones (the LSTM, batch-invariant mode, whose
         numbers must not depend on the batch) take it from the whole forward's logits."""
+
+        def last(placements: list[tuple[int, int, int]]) -> torch.Tensor:  # (n, 2) (r, pos)
+            at = [(r, s + len(rows[i]) - 1) for i, r, s in placements]
+            return torch.tensor(at, device=self.device)
+
         logits = torch.empty(len(rows), self.vocab_size, device=self.device)  # (B, V)
         if self.model.has_attention and not self.batch_invariant:
             placements, idx, segments = self._packed(rows)
-            at = torch.tensor([(r, s + len(rows[i]) - 1) for i, r, s in placements])  # (n, 2)
-            out = self.model(idx, segments=segments, logits_at=at.to(self.device))
+            out = self.model(idx, segments=segments, logits_at=last(placements))
             logits[[i for i, _, _ in placements]] = out.logits[:, : self.vocab_size].float()
             return logits
         for placements, out in self.batches(rows):
-            at = torch.tensor([(r, s + len(rows[i]) - 1) for i, r, s in placements])  # (n, 2)
-            at = at.to(self.device)
+            at = last(placements)
             logits[[i for i, _, _ in placements]] = out.logits[at[:, 0], at[:, 1]].float()
         return logits
 

@@ -11,8 +11,8 @@ from serving.forwards import TextForwards, length_buckets, pack_rows
 VOCAB = 300  # the tokenizer's; the model's is padded past it
 
 
-@pytest.mark.parametrize("arch", ["transformer", "lstm"])
-def test_batches_place_every_row_once_with_its_own_logits(arch):
+def forwards_and_rows(arch: str) -> tuple[TextForwards, list[list[int]]]:
+    """TextForwards over a small seeded model of `arch` and six texts of 1-30 tokens."""
     torch.manual_seed(0)
     heads = 2 if arch == "transformer" else 1
     config = GPTConfig(
@@ -20,7 +20,12 @@ def test_batches_place_every_row_once_with_its_own_logits(arch):
     )
     model = build_model(config).eval()
     forwards = TextForwards(model, VOCAB, max_context=32, device=torch.device("cpu"))
-    rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 17, 3, 9, 30, 1)]
+    return forwards, [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 17, 3, 9, 30, 1)]
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_batches_place_every_row_once_with_its_own_logits(arch):
+    forwards, rows = forwards_and_rows(arch)
     seen, starts, forwards_run = [], [], 0
     with torch.no_grad():
         for placements, out in forwards.batches(rows, return_attention=arch == "transformer"):
@@ -52,14 +57,8 @@ def test_batches_place_every_row_once_with_its_own_logits(arch):
 def test_last_logits_are_each_texts_last_position_alone(arch, monkeypatch):
     """Each text's next-token logits are those of its last position in a forward of its own;
     packed rows of an attention model run the output head on those positions only."""
-    torch.manual_seed(0)
-    heads = 2 if arch == "transformer" else 1
-    config = GPTConfig(
-        vocab_size=VOCAB + 3, block_size=32, n_layer=2, n_head=heads, n_embd=16, arch=arch
-    )
-    model = build_model(config).eval()
-    forwards = TextForwards(model, VOCAB, max_context=32, device=torch.device("cpu"))
-    rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 17, 3, 9, 30, 1)]
+    forwards, rows = forwards_and_rows(arch)
+    model = forwards.model
     head_rows = []
     head = model.lm_head.forward
     monkeypatch.setattr(model.lm_head, "forward", lambda x: head_rows.append(x.shape) or head(x))
@@ -67,7 +66,7 @@ def test_last_logits_are_each_texts_last_position_alone(arch, monkeypatch):
         got = forwards.last_logits(rows)
         assert got.shape == (len(rows), VOCAB) and got.dtype == torch.float32
         if arch == "transformer":
-            assert head_rows == [(len(rows), config.n_embd)]  # one position a text
+            assert head_rows == [(len(rows), model.config.n_embd)]  # one position a text
         for i, ids in enumerate(rows):
             alone = forwards.padded([ids]).logits[0, -1]
             torch.testing.assert_close(got[i], alone, atol=1e-5, rtol=1e-4)
