@@ -100,13 +100,11 @@ def bench_engine(artifact: Path, rounds: int, max_tokens: int) -> dict:
 
 
 def bench_http(artifact: Path, rounds: int, secs: float, max_tokens: int) -> dict:
-    import ray
     from ray import serve
 
     from serving.app import AttnLMServer
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     user_config = {"max_batch_size": 32, "batch_wait_timeout_s": 0.005, "max_in_flight": 1000}
     routes = {"off": "", "on": "/inv"}
     bodies = {
@@ -123,19 +121,7 @@ def bench_http(artifact: Path, rounds: int, secs: float, max_tokens: int) -> dic
         ),
     }
     runs: dict = {}
-    try:
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            log_to_driver=False,
-            runtime_env={
-                "env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(serve_load.REPO)}
-            },
-        )
-        port = serve_load.free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        base = f"http://127.0.0.1:{port}"
+    with serve_load.local_serve() as base:
         args = serve_load.serve_yaml_args()
         for mode, route in routes.items():
             app = AttnLMServer.options(
@@ -158,12 +144,6 @@ def bench_http(artifact: Path, rounds: int, secs: float, max_tokens: int) -> dic
                         )
                         runs.setdefault(key, {m: [] for m in MODES})[mode].append(result)
             print(f"  http round {r + 1}/{rounds}", flush=True)
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
     out = {"load_generator": runs.pop("load_generator")}
     for key, by_mode in runs.items():
         out[key] = {

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -71,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +107,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_serve(ray_dir: str | None = None) -> Iterator[str]:
+    """Ray (2 CPUs, no auth, the repository on every worker's path, its temp dir `ray_dir` or a
+    new one removed after) and Ray Serve's HTTP proxy on 127.0.0.1 at a free port; yields the
+    base URL and shuts both down after (the benches' twin of tests/integration/helpers.py's)."""
+    import ray
+    from ray import serve
+
+    temp_dir = ray_dir or tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}},
+        )
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if ray_dir is None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def texts_32() -> list[str]:
@@ -342,7 +373,6 @@ def wait_healthy(
 
 def bench_http(artifact: Path, args, max_tokens: int) -> dict:
     import httpx
-    import ray
     from ray import serve
 
     from serving.app import AttnLMServer
@@ -375,7 +405,6 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
             return JSONResponse(content, headers={"Server-Timing": f"engine;dur={1e3 * secs:.3f}"})
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     results: dict = {"modes": {}}
     secs, comp_secs = (3, 6) if args.quick else (8, 15)
     concurrencies = (1, 8, 32)
@@ -383,17 +412,7 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
         "on": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005, "max_in_flight": 1000},
         "off": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_in_flight": 1000},
     }
-    try:
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}},
-        )
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        base = f"http://127.0.0.1:{port}"
+    with local_serve() as base:
         serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial", blocking=False)
         serve.run(
             Minimal.bind(str(artifact)), name="minimal", route_prefix="/minimal", blocking=False
@@ -439,12 +458,6 @@ def bench_http(artifact: Path, args, max_tokens: int) -> dict:
                 print("  [off] c=1 rounds: ours, trivial, minimal", flush=True)
                 m["c1_rounds"] = c1_rounds(load, next_body, 3 if args.quick else 5)
             results["modes"][mode] = m
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
     return results
 
 

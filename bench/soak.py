@@ -33,7 +33,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -236,12 +235,6 @@ def build_artifact(out: Path) -> Path:
     return save_artifact(GPT(config), tokenizer, out)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -263,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import httpx
-    import ray
     from ray import serve
 
+    from bench.serve_load import local_serve
     from serving.app import AttnLMServer
 
     workdir = Path(tempfile.mkdtemp(prefix="soak"))
@@ -276,18 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serving.proxy:middlewares"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=str(workdir / "ray"), log_to_driver=False
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(str(workdir / "ray")) as base:
         shipped = {"compile": True, "dtype": "auto"} if args.shipped else {}
         app = AttnLMServer.options(name="Soak", ray_actor_options={"num_cpus": 1}).bind(
             str(artifact), **shipped
         )
         serve.run(app, name=APP, route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=60) as http:
             model = http.get("/v1/models").json()["data"][0]["id"]
             ids = http.post("/v1/next-token", json={"text": "The cat sat"}).json()["token_ids"]
@@ -317,9 +304,6 @@ def main(argv: list[str] | None = None) -> int:
             return results, t0, rss, killed
 
         results, t0, rss, killed = asyncio.run(run())
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     report = summarize(results, t0, seconds, rss, killed, 60 * args.rss_from_minute)
     report["config"] = {
         "clients": args.clients,
